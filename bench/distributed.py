@@ -1,0 +1,50 @@
+"""torch.distributed helpers: one code path for a single process and for torchrun (NCCL on GPU, gloo on CPU)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str | torch.device | None = None) -> World:
+    """Join the process group torchrun set up (idempotent); a plain run is a world of one."""
+    if not launched_by_torchrun():
+        return World()
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.set_device(local_rank)
+    return World(rank, world_size, local_rank)
+
+
+def default_device(world: World) -> torch.device:
+    return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
