@@ -1,0 +1,351 @@
+"""`dit-bench`: the command-line front of the harness (typer + rich).
+
+Each command is thin: parse options, call into bench/, print. A ``UserError`` anywhere below becomes
+one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import bench
+from bench import plugins
+from bench.errors import UserError
+
+app = typer.Typer(
+    name="dit-bench",
+    help="Reproduce and benchmark Diffusion-Transformer acceleration methods against their papers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the dit-bench version."""
+    console.print(f"dit-bench {bench.__version__}")
+
+
+@app.command("models")
+def list_models(
+    image_size: int = typer.Option(256, help="Image resolution the MACs and token counts are given for."),
+) -> None:
+    """Every registered model: parameters, GMACs (one forward, batch 1) and tokens."""
+    table = Table(title=f"Registered models @ {image_size}x{image_size}")
+    for col in ("model", "family", "method", "params", "GMACs", "tokens"):
+        table.add_column(col, justify="right" if col in ("params", "GMACs", "tokens") else "left")
+    for method in plugins.methods().values():
+        for spec in method.models:
+            info = model_summary(spec, image_size)
+            table.add_row(spec.name, spec.family, method.name, f"{info['params']:,}",
+                          f"{info['gmacs']:.2f}" if info["gmacs"] is not None else "-",
+                          str(info["tokens"]) if info["tokens"] else "-")
+    console.print(table)
+
+
+def model_summary(spec: plugins.ModelSpec, image_size: int) -> dict:
+    """Parameter count (built on the meta device: no memory, no init cost), MACs and token count."""
+    import torch
+
+    kwargs = spec.kwargs(input_size=image_size // 8)
+    with torch.device("meta"):
+        model = spec.builder(**kwargs)
+    params = sum(p.numel() for p in model.parameters())
+    patch = kwargs.get("patch_size")
+    tokens = (kwargs["input_size"] // patch) ** 2 if patch else None
+    gmacs = spec.macs(kwargs) / 1e9 if spec.macs else None
+    return {"params": params, "gmacs": gmacs, "tokens": tokens}
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """Installed method plug-ins and what each contributes."""
+    table = Table(title="Installed methods")
+    for col in ("method", "title", "contributes"):
+        table.add_column(col)
+    for method in plugins.methods().values():
+        table.add_row(method.name, method.title, "; ".join(method.contributes()))
+    console.print(table)
+
+
+assets_app = typer.Typer(
+    help="Official checkpoints, VAEs, ADM reference batches and Inception weights: list, fetch, verify, locate.",
+    no_args_is_help=True,
+)
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """Every registered asset: whether it is in the cache, its size, where it lives and where it comes from."""
+    from rich.filesize import decimal
+
+    from bench import assets
+
+    cache = assets.cache_dir()
+    table = Table(title=f"Assets (cache: {cache})")
+    for col in ("asset", "status", "size", "path in cache", "source"):
+        table.add_column(col, justify="right" if col == "size" else "left", no_wrap=col == "asset",
+                         overflow="fold")
+    for row in assets.list_assets():
+        where = row["path"].relative_to(cache).as_posix() + ("/" if row["kind"] == "folder" else "")
+        table.add_row(row["name"], row["status"], decimal(row["size"]) if row["size"] else "-", where,
+                      row["source"])
+    console.print(table)
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    names: list[str] = typer.Argument(None, help="Asset names (see `dit-bench assets list`)."),
+    all_assets: bool = typer.Option(False, "--all", help="Fetch every registered asset."),
+    force: bool = typer.Option(False, "--force", help="Download again even if the file is in the cache."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Download assets into the cache (resuming partial downloads) and check their sha256."""
+    from bench import assets
+
+    if not names and not all_assets:
+        raise UserError("name the assets to fetch (see `dit-bench assets list`) or pass --all")
+    for name in names or list(assets.REGISTRY):
+        path = assets.fetch(name, progress=progress, force=force)
+        console.print(f"{name}: {path}", highlight=False, soft_wrap=True)
+
+
+@assets_app.command("verify")
+def assets_verify(
+    names: list[str] = typer.Argument(None, help="Asset names; default: every asset in the cache."),
+) -> None:
+    """Hash cached files against their published or first-download sha256; exit 1 on a bad or missing file."""
+    from bench import assets
+
+    chosen = names or [a.name for a in assets.REGISTRY.values() if assets.status(a) != "missing"]
+    if not chosen:
+        console.print(f"no assets in the cache {assets.cache_dir()} yet; see `dit-bench assets list`",
+                      highlight=False, soft_wrap=True)
+        return
+    checks = [c for name in chosen for c in assets.verify(name)]
+    table = Table(title="Asset checksums")
+    for col in ("asset", "file", "status", "sha256 / detail"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        table.add_row(c.asset, str(c.path), c.status, c.detail)
+    console.print(table)
+    # Without names, assets never fetched are not a failure; a named one that is missing is.
+    bad = [c for c in checks if c.status == "mismatch" or (names and c.status == "missing")]
+    if bad:
+        err_console.print(f"{len(bad)} file(s) failed; `dit-bench assets fetch NAME --force` downloads them again",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@assets_app.command("path")
+def assets_path(
+    name_or_path: str = typer.Argument(..., help="An asset name or the path to your own file."),
+    fetch: bool = typer.Option(False, "--fetch", help="Download the asset if it is not in the cache."),
+) -> None:
+    """Print the local path of an asset (or of your own file); fails with where to put it when it is missing."""
+    from bench import assets
+
+    typer.echo(str(assets.resolve(name_or_path, download=fetch)))
+
+
+def parse_hook_options(items: list[str], hooks: list[str]) -> dict:
+    """["fasterdiffusion.key_steps=fid"] -> {"fasterdiffusion": {"key_steps": "fid"}}; numbers become numbers."""
+    import json
+
+    options: dict = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        hook, _, key = name.partition(".")
+        if not key or not _:
+            raise UserError(f"--hook-option {item!r}: expected HOOK.KEY=VALUE")
+        if hook not in hooks:
+            raise UserError(f"--hook-option {item!r}: hook {hook!r} is not among --hook {', '.join(hooks) or '(none)'}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options.setdefault(hook, {})[key] = parsed
+    return options
+
+
+@app.command()
+def sample(
+    model: str = typer.Option("DiT-XL/2", help="Registry name (see `dit-bench models`) or a training checkpoint."),
+    ckpt: str = typer.Option(None, help="Checkpoint: asset name or file. Default: the model's official weights."),
+    image_size: int = typer.Option(256, help="Image resolution."),
+    num_classes: int = typer.Option(1000),
+    sampler: str = typer.Option("ddpm", help="ddpm | ddim"),
+    steps: str = typer.Option("250", help='Respacing: "250", "ddim50", "10,15,20".'),
+    eta: float = typer.Option(0.0, help="DDIM eta."),
+    cfg_scale: float = typer.Option(1.5, help="Guidance scale; the CFG path runs only when > 1 (DiT convention)."),
+    labels: str = typer.Option("random", help="random | balanced"),
+    num_samples: int = typer.Option(50_000),
+    batch_size: int = typer.Option(32, help="Per-process batch; does not change the images."),
+    precision: str = typer.Option("fp32", help="fp32 | tf32 | bf16 | fp16"),
+    vae: str = typer.Option("ema", help="ema | mse | identity | a local diffusers folder"),
+    seed: int = typer.Option(0),
+    hook: list[str] = typer.Option([], help="Sample hook(s), e.g. fasterdiffusion."),
+    hook_option: list[str] = typer.Option([], help="HOOK.KEY=VALUE, e.g. fasterdiffusion.key_steps=fid."),
+    random_weights: bool = typer.Option(False, help="Random weights (speed runs only)."),
+    out: Path = typer.Option(None, help="Run directory (shards, manifest, samples.npz)."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Sample to an ADM-format .npz, resumably: run the same command again to continue."""
+    import torch
+
+    from bench import assets, distributed, sampling
+    from bench.assets import sha256_of
+
+    world = distributed.init(device)
+    dev = torch.device(device) if device else distributed.default_device(world)
+    if dev.type == "cuda" and world.world_size > 1:
+        dev = torch.device("cuda", world.local_rank)
+    ckpt_sha = None
+    if ckpt is not None and not random_weights:
+        ckpt_sha = sha256_of(assets.resolve(ckpt))
+    protocol = sampling.SamplingProtocol(
+        model=model, image_size=image_size, num_samples=num_samples, checkpoint=ckpt, checkpoint_sha256=ckpt_sha,
+        num_classes=num_classes, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale, label_policy=labels,
+        seed=seed, precision=precision, vae=vae, sample_hooks=tuple(hook), device_type=dev.type,
+        random_weights=random_weights, hook_options=parse_hook_options(hook_option, hook))
+    out = out or Path("samples") / (f"{model.replace('/', '-')}-size-{image_size}-cfg-{cfg_scale}-seed-{seed}"
+                                    f"-{protocol.fingerprint()[:8]}")
+    parts, _ = sampling.build_parts(protocol, dev)
+    manifest = sampling.run(parts, protocol, out, batch_size, dev, world=world, progress=progress)
+    if world.is_main:
+        console.print(f"{num_samples} samples in {out / sampling.SAMPLES_FILE} "
+                      f"({manifest['computed_now']} computed now, {manifest['reused']} reused)", soft_wrap=True, highlight=False)
+    distributed.shutdown()
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    reference: str = typer.Argument(..., help="ADM reference batch: a .npz path or an asset name "
+                                    "(e.g. adm-ref-imagenet256)."),
+    samples: Path = typer.Argument(..., help="Sample batch .npz (uint8 N x H x W x 3 in arr_0)."),
+    backend: str = typer.Option("adm-tf", "--backend", "-b", help="Feature backend: adm-tf (the evaluator's TF "
+                                "graph) | torch (PyTorch port, fast on GPU) | any registered name."),
+    weights: str = typer.Option(None, help="Feature network file or asset name (default: the backend's official one)."),
+    device: str = typer.Option(None, help="Backend device: cpu | cuda | gpu (default: a GPU when there is one)."),
+    batch_size: int = typer.Option(None, help="Images per network call (default: 64 for adm-tf, as the evaluator)."),
+    cache: bool = typer.Option(True, help="Reuse/write the features cached beside each .npz."),
+    pr_engine: str = typer.Option("auto", help="Precision/recall distances: auto | tf (bit-exact on CPU) | torch."),
+    cross_check: int = typer.Option(0, help="Also run adm-tf on the first N samples and report the feature gap."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the result record (JSON) here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON only (for scripts)."),
+    progress: bool = typer.Option(True, help="Show a progress bar (on stderr) during feature extraction."),
+) -> None:
+    """FID, sFID, Inception Score, precision and recall of SAMPLES against REFERENCE, as the ADM evaluator."""
+    import json
+
+    from bench.metrics.evaluate import evaluate
+
+    result = evaluate(reference, samples, backend=backend, weights=weights, device=device, batch_size=batch_size,
+                      cache=cache, progress=progress, pr_engine=pr_engine, cross_check=cross_check)
+    if output is not None:
+        from bench import results
+
+        record = results.make_record("quality", result["subject"], result["protocol"], result["metrics"],
+                                     proxy=result["protocol"]["proxy"], warnings=result["warnings"],
+                                     extra={k: result[k] for k in ("extra", "cross_check") if k in result})
+        results.save(record, output)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    proto = result["protocol"]
+    table = Table(title=f"ADM evaluation of {samples.name} ({proto['num_samples']:,} samples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
+             "recall": "Recall"}
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        value = result["metrics"][key]
+        table.add_row(names[key], "-" if value is None else f"{value:.4f}")
+    console.print(table)
+    console.print(f"backend {proto['evaluator']} (network sha256 {proto['feature_network_sha256'][:12]}), "
+                  f"reference {proto['reference']} (sha256 {proto['reference_sha256'][:12]}, "
+                  f"{proto['reference_statistics']} statistics)", highlight=False, soft_wrap=True)
+    if "cross_check" in result:
+        cc = result["cross_check"]
+        console.print(f"cross-check vs {cc['against']} on {cc['num_images']} images: pool rel. L2 "
+                      f"{cc['pool_rel_l2']:.2e}, max abs {cc['pool_max_abs_diff']:.2e}", highlight=False)
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if output is not None:
+        console.print(f"result written to {output}", highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report_cmd(
+    result_files: list[Path] = typer.Argument(..., help="Result records (JSON) written by dit-bench commands."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the markdown here (e.g. reports/NAME.md), with its "
+                             "PNG plots in NAME_files/ beside it. Without it the markdown goes to stdout."),
+    github_summary: bool = typer.Option(False, "--github-summary", help="Append the report to the GitHub Actions "
+                                        "job summary ($GITHUB_STEP_SUMMARY)."),
+) -> None:
+    """Measured vs published: verdicts, protocol cards, environment, reference lint and plots."""
+    from bench import compare
+    from bench import report as reports
+
+    built = reports.build(result_files)
+    images = None
+    if out is not None:
+        path, pngs = reports.write_report(built, out)
+        images = {name: str(png) for name, png in pngs.items()}
+        err_console.print(f"report written to {path} ({len(pngs)} plots in {path.parent / (path.stem + '_files')})",
+                          highlight=False, soft_wrap=True)
+    if github_summary:
+        target = reports.append_github_summary(built, images)
+        err_console.print(f"report appended to the job summary {target}", highlight=False, soft_wrap=True)
+    if out is None and not github_summary:
+        typer.echo(reports.render_markdown(built))
+    counts = compare.summarize(built.all_comparisons)
+    err_console.print(", ".join(f"{n} {verdict}" for verdict, n in counts.items()), highlight=False)
+
+
+@app.command("lint-references")
+def lint_references_cmd(
+    directory: Path = typer.Option(None, "--dir", help="A reference_results folder (default: the installed one, "
+                                   "or $DIT_BENCH_REFERENCE_RESULTS)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when there is any warning (for CI)."),
+) -> None:
+    """Validate reference_results/ against its schema and list where the published numbers disagree."""
+    from bench import consistency, reference
+
+    refs = reference.load_all(directory)
+    findings = consistency.lint(refs)
+    table = Table(title=f"Consistency of {refs.directory}", show_lines=True)
+    for col in ("check", "severity", "finding"):
+        table.add_column(col, overflow="fold")
+    for finding in findings:
+        table.add_row(finding.check, finding.severity, finding.message)
+    console.print(table)
+    warnings = sum(f.severity == consistency.WARNING for f in findings)
+    console.print(f"{len(refs.rows)} rows from {len(refs.sources)} sources meet the schema; {warnings} warnings, "
+                  f"{len(findings) - warnings} notes", highlight=False)
+    if strict and warnings:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: work saved so far is kept; run the same command again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
