@@ -38,16 +38,29 @@ def list_models(
     image_size: int = typer.Option(256, help="Image resolution the MACs and token counts are given for."),
 ) -> None:
     """Every registered model: parameters, GMACs (one forward, batch 1) and tokens."""
+    from bench import reference
+
+    refs = reference.load_all()
     table = Table(title=f"Registered models @ {image_size}x{image_size}")
-    for col in ("model", "family", "method", "params", "GMACs", "tokens"):
-        table.add_column(col, justify="right" if col in ("params", "GMACs", "tokens") else "left")
+    for col in ("model", "family", "method", "params", "GMACs", "published GMACs", "tokens"):
+        table.add_column(col, justify="left" if col in ("model", "family", "method") else "right")
     for method in plugins.methods().values():
         for spec in method.models:
             info = model_summary(spec, image_size)
             table.add_row(spec.name, spec.family, method.name, f"{info['params']:,}",
                           f"{info['gmacs']:.2f}" if info["gmacs"] is not None else "-",
+                          published_gmacs(refs, spec.name, image_size),
                           str(info["tokens"]) if info["tokens"] else "-")
     console.print(table)
+    console.print("GMACs: exact analytic multiply-accumulates of one forward at batch 1 (the papers' 'GFLOPs' "
+                  "convention); published: the papers' printed values from reference_results/.", style="dim")
+
+
+def published_gmacs(refs, model: str, image_size: int) -> str:
+    """The papers' printed MAC counts for this model, e.g. '2.66' for EDT-S/2 (whose exact count is 2.667)."""
+    values = sorted({row["value"] for row in refs.find(model=model, resolution=image_size, metric="gmacs")
+                     if row.get("role") != "computed" and row["value"] is not None})
+    return " / ".join(f"{v:g}" for v in values) or "-"
 
 
 def model_summary(spec: plugins.ModelSpec, image_size: int) -> dict:
@@ -238,7 +251,8 @@ def evaluate_cmd(
     device: str = typer.Option(None, help="Backend device: cpu | cuda | gpu (default: a GPU when there is one)."),
     batch_size: int = typer.Option(None, help="Images per network call (default: 64 for adm-tf, as the evaluator)."),
     cache: bool = typer.Option(True, help="Reuse/write the features cached beside each .npz."),
-    pr_engine: str = typer.Option("auto", help="Precision/recall distances: auto | tf (bit-exact on CPU) | torch."),
+    pr_engine: str = typer.Option("tf", help="Precision/recall distances: tf (the evaluator's graph, exact) | "
+                                  "torch (fast on GPU, ~1e-3 apart)."),
     cross_check: int = typer.Option(0, help="Also run adm-tf on the first N samples and report the feature gap."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the result record (JSON) here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON only (for scripts)."),
@@ -334,6 +348,97 @@ def lint_references_cmd(
                   f"{len(findings) - warnings} notes", highlight=False)
     if strict and warnings:
         raise typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(
+    model: str = typer.Option(..., help="Registry name (see `dit-bench models`)."),
+    data: Path = typer.Option(..., help="Image folder (root/<class>/<image>), an .npz of uint8 images + labels, "
+                              "or a directory written by `dit-bench extract-features` (with --hook features)."),
+    vae: str = typer.Option(None, help="ema | mse | identity | a diffusers folder (default: ema; for features "
+                            "the extraction's VAE)."),
+    image_size: int = typer.Option(None, help="Image resolution (default: the data's; 256 for image folders)."),
+    num_classes: int = typer.Option(None, help="Classes of the model (default: the data's)."),
+    global_batch_size: int = typer.Option(256, help="Split evenly over the processes of torchrun."),
+    steps: int = typer.Option(400_000, help="Train until this step (a resumed run continues to it)."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (DiT: 1e-4 constant, no weight decay)."),
+    ema_decay: float = typer.Option(0.9999),
+    hook: list[str] = typer.Option([], help="Train hook(s), repeatable, e.g. speedit, grad-ckpt, amp-bf16, features."),
+    hook_option: list[str] = typer.Option([], help="HOOK.KEY=VALUE, e.g. speedit-nus.weighting=p2."),
+    ckpt_every: int = typer.Option(50_000, help="Checkpoint every N steps (and at the last step)."),
+    log_every: int = typer.Option(100, help="Log loss, steps/s and memory every N steps."),
+    out: Path = typer.Option(None, help="Run directory: checkpoints/, log.jsonl, result.json."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    seed: int = typer.Option(0, help="Every random draw of step k on rank r comes from (seed, k, r)."),
+    workers: int = typer.Option(4, help="Data-loading processes for image folders."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    progress: bool = typer.Option(True, help="Show a progress display."),
+) -> None:
+    """Train a model with DiT's recipe and any compatible train hooks; deterministic and resumable."""
+    from bench import distributed, training
+
+    config = training.TrainConfig(
+        model=model, data=str(data), out=str(out or Path("results") / f"train-{model.replace('/', '-')}-seed-{seed}"),
+        vae=vae, image_size=image_size, num_classes=num_classes, global_batch_size=global_batch_size, steps=steps,
+        lr=lr, ema_decay=ema_decay, hooks=tuple(hook), hook_options=parse_hook_options(hook_option, hook),
+        ckpt_every=ckpt_every, log_every=log_every, seed=seed, num_workers=workers)
+    summary = training.train(config, device=device, resume=resume, progress=progress)
+    if "record" in summary:
+        metrics = summary["record"]["metrics"]
+        rate = f"{metrics['steps_per_s']:.3f} steps/s" if metrics["steps_per_s"] else "no timing"
+        memory = f", peak {metrics['peak_memory_mb']:.0f} MB" if metrics["peak_memory_mb"] is not None else ""
+        loss = f"{metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else "-"
+        console.print(f"steps {summary['start_step']}..{summary['steps']}: loss {loss}, {rate}{memory}; "
+                      f"checkpoint {summary['checkpoint']}, result {Path(config.out) / training.RESULT_FILE}",
+                      highlight=False, soft_wrap=True)
+    distributed.shutdown()
+
+
+@app.command("extract-features")
+def extract_features_cmd(
+    data: Path = typer.Option(..., help="Image folder (root/<class>/<image>) or an .npz of uint8 images + labels."),
+    vae: str = typer.Option("ema", help="ema | mse | identity | a diffusers folder."),
+    out: Path = typer.Option(..., help="Directory for features/, labels/ and features.json."),
+    image_size: int = typer.Option(None, help="Image resolution (default: the .npz's; 256 for image folders)."),
+    mode: str = typer.Option("frozen-flip", help="frozen-flip: one flip + one posterior sample per image "
+                             "(fast-DiT) | both-flips: both orientations, so training keeps the random flip."),
+    seed: int = typer.Option(0, help="Image i's flip and posterior noise come from (seed, i)."),
+    batch_size: int = typer.Option(32, help="Images per VAE call; does not change the latents' draws."),
+    workers: int = typer.Option(4, help="Data-loading processes for image folders."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Encode a dataset once with the VAE (fast-DiT's pre-extraction), atomically and collision-free under torchrun."""
+    import contextlib
+
+    import torch
+
+    from bench import data as datasets
+    from bench import distributed
+    from bench.vae import load_vae
+
+    world = distributed.init(device)
+    dev = torch.device(device) if device else distributed.default_device(world)
+    if dev.type == "cuda" and world.world_size > 1:
+        dev = torch.device("cuda", world.local_rank)
+    images = datasets.open_images(data, image_size)
+    encoder = load_vae(vae, dev)
+    bar, advance = contextlib.nullcontext(), None
+    if progress and world.is_main:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        task = bar.add_task("extract", total=len(images))
+        advance = lambda n: bar.update(task, advance=n)  # noqa: E731
+    with bar:
+        manifest = datasets.extract_features(
+            images, encoder, out, mode=mode, seed=seed, batch_size=batch_size, device=dev, world=world,
+            num_workers=workers if images.kind == "image-folder" else 0, progress=advance,
+            vae_name=vae, source=str(data))
+    if world.is_main:
+        console.print(f"{manifest['num_images']} images -> {out} (latents {manifest['latent_shape']}, {mode})",
+                      highlight=False, soft_wrap=True)
+    distributed.shutdown()
 
 
 def main() -> None:
