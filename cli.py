@@ -276,7 +276,7 @@ def evaluate_cmd(
         typer.echo(json.dumps(result, indent=2))
         return
     proto = result["protocol"]
-    table = Table(title=f"ADM evaluation of {samples.name} ({proto['num_samples']:,} samples)")
+    table = Table(title=f"{samples.name}: {proto['num_samples']:,} samples", min_width=40)
     table.add_column("metric")
     table.add_column("value", justify="right")
     names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
