@@ -138,6 +138,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 _REGISTRY: dict[str, Callable[..., FeatureBackend] | str] = {
     "adm-tf": "bench.metrics.adm_tf:AdmTFBackend",
     "torch": "bench.metrics.torch_inception:TorchInceptionBackend",
+    "proxy": "bench.proxy:ProxyBackend",  # the embedded default's digits classifier
 }
 
 
