@@ -165,7 +165,9 @@ def get_hook(kind: str, name: str, family: str | None = None) -> Callable[..., A
         label = "train" if kind == "train_hooks" else "sample"
         raise PluginError(f"unknown {label} hook {name!r}; installed: {', '.join(registry) or 'none'}")
     method, factory = registry[name]
-    if family and method.compatible_families and family not in method.compatible_families:
+    # A hook may narrow its method's families with a ``families`` attribute on its factory.
+    families = getattr(factory, "families", None) or method.compatible_families
+    if family and families and family not in families:
         raise PluginError(f"{name!r} cannot run on a {family} model: it needs one of "
-                          f"{', '.join(method.compatible_families)} ({method.title})")
+                          f"{', '.join(families)} ({method.title})")
     return factory

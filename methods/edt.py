@@ -397,12 +397,19 @@ def apply_amm(model: nn.Module, block_indices: Sequence[int] | None = None) -> A
     return AMMHandle(modules)
 
 
-def amm_sample_hook(model: nn.Module, block_indices: Sequence[int] | None = None) -> nn.Module:
-    """Sample hook ``amm``: switch AMM on in a DiT's blocks and hand the same model back."""
+def amm_sample_hook(model: nn.Module, block_indices: Sequence[int] | None = None,
+                    num_steps: int | None = None) -> nn.Module:
+    """Sample hook ``amm``: switch AMM on in a DiT's blocks and hand the same model back.
+
+    AMM is training-free and the same at every step, so the sampler's step count is not needed.
+    """
     if isinstance(model, EDT):
         raise PluginError("EDT has AMM built in: pick the EDT model name with or without _noAMM instead")
     apply_amm(model, block_indices)
     return model
+
+
+amm_sample_hook.families = ("DiT",)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -531,6 +538,8 @@ class MaskedTraining:
     pass with min-SNR weighting, updates the sampler and returns the dict of ``masked_training_loss``;
     the loop calls ``backward()`` on its "loss". ``state_dict`` keeps the sampler's history for resuming.
     """
+
+    families = ("EDT",)  # the masks live in EDT's down-sampling modules
 
     def __init__(self, diffusion, *, min_snr_gamma: float | None = 5.0, history_per_term: int = 10,
                  uniform_prob: float = 0.001):

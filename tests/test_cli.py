@@ -73,3 +73,14 @@ def test_hook_options_parse():
         cli.parse_hook_options(["key_steps=fid"], ["fasterdiffusion"])
     with pytest.raises(UserError):
         cli.parse_hook_options(["amm.blocks=1"], ["fasterdiffusion"])
+
+
+def test_hooks_declare_their_own_model_families():
+    import pytest
+
+    assert plugins.get_hook("train_hooks", "edt-mask", "EDT")
+    assert plugins.get_hook("sample_hooks", "amm", "DiT")
+    with pytest.raises(plugins.PluginError, match="'edt-mask' cannot run on a DiT model"):
+        plugins.get_hook("train_hooks", "edt-mask", "DiT")
+    with pytest.raises(plugins.PluginError, match="'amm' cannot run on a EDT model"):
+        plugins.get_hook("sample_hooks", "amm", "EDT")
