@@ -10,11 +10,9 @@ files are read too. Every problem a user can cause is one ``CheckpointError`` li
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from bench.assets import sha256_of
+from bench.atomic import atomic_open
 from bench.errors import UserError
 
 SAFE_GLOBALS = [argparse.Namespace]  # official training checkpoints pickle their argparse arguments
@@ -207,15 +206,6 @@ def save_training_checkpoint(path: str | os.PathLike, model: nn.Module, ema: nn.
         "args": argparse.Namespace(**{str(k): _plain(v) for k, v in arg_dict.items()}),
         "step": int(step),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(checkpoint, fh)
     return path

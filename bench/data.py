@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 from bench.errors import UserError
+from bench.atomic import atomic_open
 
 # The extensions torchvision's ImageFolder accepts.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -276,14 +276,8 @@ class StepBatches:
 
 # ------------------------------------------------------------------------------------------ extraction
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, array)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.metrics.backends import FeatureBackend
+from bench.atomic import atomic_open
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -94,10 +95,8 @@ def train_classifier(seed: int = 0, epochs: int = 30, out: str | Path | None = C
         pred = net(DigitsClassifier.preprocess(torch.from_numpy(x_test))).argmax(1).numpy()
     accuracy = float((pred == y_test).mean())
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_suffix(".tmp")
-        torch.save(net.state_dict(), tmp)
-        tmp.replace(out)
+        with atomic_open(out, "wb") as fh:
+            torch.save(net.state_dict(), fh)
     return net, accuracy
 
 

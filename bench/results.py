@@ -11,11 +11,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
+from bench.atomic import atomic_open
 
 SCHEMA_VERSION = 1
 KINDS = ("quality", "speed", "train", "sample", "reproduce", "flops")
@@ -78,16 +78,9 @@ def validate(record: Any, source: str = "result") -> dict:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON so a reader never sees a half-written file (temp file in the same dir, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.write("\n")
     return path
 
 

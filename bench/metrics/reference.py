@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from bench.errors import UserError
+from bench.atomic import atomic_open
 from bench.metrics.backends import Features, sha256_file
 
 IMAGES_KEY = "arr_0"
@@ -177,13 +177,6 @@ def save_cached(batch: ImageBatch, backend_name: str, network_sha256: str, feats
         arrays["spatial"] = feats.spatial
     if feats.softmax is not None:
         arrays["softmax"] = feats.softmax
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
     return path
