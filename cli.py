@@ -441,6 +441,153 @@ def extract_features_cmd(
     distributed.shutdown()
 
 
+@app.command("speed")
+def speed_cmd(
+    model: list[str] = typer.Option(["DiT-XL/2"], "--model", help="Model(s) to time (repeatable)."),
+    hook: list[str] = typer.Option([], "--hook", help="Sample hook(s) timed beside the baseline, e.g. "
+                                   "fasterdiffusion."),
+    hook_option: list[str] = typer.Option([], "--hook-option", help="HOOK.KEY=VALUE, e.g. "
+                                          "fasterdiffusion.key_steps=speed."),
+    protocol: str = typer.Option("fast", help="paper (official code path, fp32+TF32, batch 8) | fast (bf16, fused "
+                                 "attention, torch.compile on CUDA, large batches)."),
+    precision: list[str] = typer.Option(None, "--precision", help="fp32 | tf32 | bf16 | fp16 (repeatable). "
+                                        "Default: paper tf32, fast bf16 (fp32 for both off CUDA)."),
+    batch: list[str] = typer.Option(None, "--batch", help="A batch size or 'auto' (saturating; repeatable). "
+                                    "Default: paper 8; fast 1, 8, auto."),
+    steps: int = typer.Option(250, help="Sampling steps."),
+    sampler: str = typer.Option("ddpm", help="ddpm | ddim"),
+    cfg_scale: float = typer.Option(None, help="Guidance scale (> 1 runs the CFG batch). Default: paper 4.0 "
+                                    "(FasterDiffusion's timing script), fast 1.5."),
+    image_size: int = typer.Option(256, help="Image resolution."),
+    num_classes: int = typer.Option(1000),
+    vae: str = typer.Option("none", help="none (decode not timed) | ema | mse | identity | a diffusers folder."),
+    vae_batch: int = typer.Option(32, help="Latents per VAE decode call."),
+    attention: str = typer.Option(None, help="default | fused | flash | cudnn | efficient | math | explicit. "
+                                  "Default: fused on CUDA under fast, else default."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the repeated blocks. "
+                                  "Default: on for fast on CUDA, off otherwise."),
+    compile_mode: str = typer.Option("max-autotune-no-cudagraphs", help="torch.compile mode; reduce-overhead "
+                                     "adds CUDA graphs."),
+    warmup: int = typer.Option(None, help="Untimed runs per row (default: paper 2, fast 2)."),
+    repeats: int = typer.Option(None, help="Timed runs per row (default: paper 1, fast 5)."),
+    max_batch: int = typer.Option(None, help="Largest batch the auto search tries (default 1024 on CUDA, 64 on CPU)."),
+    search_steps: int = typer.Option(10, help="Steps per trial of the auto batch search."),
+    sample_: bool = typer.Option(True, "--sample/--no-sample", help="Time sampling."),
+    train: bool = typer.Option(False, "--train/--no-train", help="Also time training steps."),
+    train_config: list[str] = typer.Option(None, "--train-config", help="plain | ckpt | amp | features | all | "
+                                           "no-tf32 (fast-DiT's scripts) or hooks joined by '+'. Default: all that "
+                                           "the --vae allows."),
+    global_batch_size: int = typer.Option(128, help="Training batch (fast-DiT's table: 128)."),
+    gpu: str = typer.Option(None, "--gpu", help="The GPU the published numbers were measured on, e.g. A100."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the result record (JSON) here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result record as JSON only."),
+) -> None:
+    """Sampling latency and throughput, and training steps/s, of models with and without hooks (random weights)."""
+    import json
+
+    from bench import results, speed
+
+    config = speed.SpeedConfig(
+        models=tuple(model), hooks=tuple(hook), hook_options=parse_hook_options(hook_option, hook), protocol=protocol,
+        precisions=tuple(precision) if precision else None, batches=tuple(batch) if batch else None, steps=steps,
+        sampler=sampler, cfg_scale=cfg_scale, image_size=image_size, num_classes=num_classes, vae=vae,
+        vae_batch=vae_batch, attention=attention, compile=compile_, compile_mode=compile_mode, warmup=warmup,
+        repeats=repeats, max_batch=max_batch, search_steps=search_steps, reference_gpu=gpu, sample=sample_,
+        train=train, train_configs=tuple(train_config) if train_config else None,
+        global_batch_size=global_batch_size)
+    say = (lambda text: err_console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True))
+    record = speed.run(config, device, say=say)
+    if out is not None:
+        results.save(record, out)
+    if json_out:
+        typer.echo(json.dumps(record, indent=2, default=str))
+        return
+    rows = record["extra"]["rows"]
+    if rows:
+        console.print(speed.sampling_table(rows))
+    if record["extra"]["train_rows"]:
+        console.print(speed.training_table(record["extra"]["train_rows"]))
+    env = record["environment"]
+    console.print(f"{env['gpu'] or env['cpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+                  f"commit {(env['git_commit'] or '?')[:10]}; ideal = FLOP-bound speed-up, speedup = measured vs "
+                  "the baseline in this run", highlight=False, soft_wrap=True)
+    published = speed.published_comparisons(record)
+    if published:
+        table = Table(title="Against published numbers (bench.compare)")
+        for col in ("row", "metric", "measured", "published", "verdict", "why / source"):
+            table.add_column(col, overflow="fold")
+        for c in published:
+            table.add_row(c.subject, c.metric, f"{c.measured:.4g}", c.reference_text or f"{c.reference:.4g}",
+                          c.verdict, c.reason or c.citation)
+        console.print(table)
+    if out is not None:
+        console.print(f"result written to {out}", highlight=False, soft_wrap=True)
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    method: str = typer.Argument(..., help="A method with a reproduction recipe: dit, fasterdiffusion, ..."),
+    preset: str = typer.Option("tiny", help="tiny (the embedded proxy default: offline, CPU, minutes) | paper "
+                               "(the published protocol: official assets, a GPU, hours)."),
+    num_samples: int = typer.Option(None, help="Samples per arm (default: the preset's)."),
+    steps: str = typer.Option(None, help="Override the sampling steps (shortened runs)."),
+    speed_steps: int = typer.Option(None, help="Override the speed stage's sampling steps."),
+    speed_batch: list[int] = typer.Option(None, "--speed-batch", help="Override the speed stage's batches (repeatable)."),
+    batch_size: int = typer.Option(None, help="Sampling batch per process (does not change the images)."),
+    train_steps: int = typer.Option(None, help="Training recipes (speedit): train both runs for N steps."),
+    ckpt_every: int = typer.Option(None, help="Training recipes: evaluate a checkpoint every N steps."),
+    nproc_per_node: int = typer.Option(1, help="Sampling processes: > 1 launches torchrun itself."),
+    out: Path = typer.Option(None, help="Run directory (default reports/<method>-<preset>-<date>/); run the same "
+                             "command again to resume or reuse it."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """A paper's protocol end to end: sample (method + paired baseline) -> evaluate -> speed -> compare -> report."""
+    from bench import reproduce
+
+    say = (lambda text: err_console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True))
+    opts = reproduce.Options(method=method, preset=preset, out=out, num_samples=num_samples, steps=steps,
+                             speed_steps=speed_steps, speed_batches=tuple(speed_batch) if speed_batch else None,
+                             batch_size=batch_size, train_steps=train_steps, ckpt_every=ckpt_every,
+                             nproc_per_node=nproc_per_node, device=device, progress=progress)
+    summary = reproduce.reproduce(opts, say=say)
+    label = " (proxy)" if summary["proxy"] else ""
+    console.print(f"report{label}: {summary['report']} ({summary['seconds']:.1f} s; ran: "
+                  f"{', '.join(summary['ran']) or 'nothing'}; reused: {', '.join(summary['reused']) or 'nothing'})",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("proxy-assets")
+def proxy_assets_cmd(
+    model: list[str] = typer.Option(None, "--model", help="Proxy model(s) to re-train (default: all the recipes "
+                                    "declare)."),
+    classifier: bool = typer.Option(False, "--classifier", help="Also re-train the proxy feature network."),
+    work: Path = typer.Option(Path("proxy-train"), help="Directory for the training data and runs."),
+    steps: int = typer.Option(None, help="Shorten training to N steps (a check, not the shipped weights)."),
+    ship: bool = typer.Option(True, "--ship/--no-ship", help="Overwrite the files in bench/proxy_assets."),
+    show: bool = typer.Option(False, "--show", help="Only print the equivalent `dit-bench train` commands."),
+    progress: bool = typer.Option(True, help="Show a progress display."),
+) -> None:
+    """Re-create the embedded default's shipped checkpoints (bench/proxy_assets) with the documented settings."""
+    from bench import reproduce
+
+    reproduce.register_proxy_models()
+    names = list(model) or list(reproduce.proxy_models())
+    for name in names:
+        console.print(f"{name}: the settings of {reproduce.train_command(name, work)}", highlight=False,
+                      soft_wrap=True)
+    if show:
+        return
+    if classifier:
+        from bench import proxy
+
+        _, accuracy = proxy.train_classifier(out=proxy.CLASSIFIER_FILE if ship else work / "digits_classifier.pt")
+        console.print(f"digits classifier: held-out accuracy {accuracy:.3f}", highlight=False)
+    for name, path in reproduce.make_proxy_models(work, names, steps=steps, ship=ship, progress=progress).items():
+        console.print(f"{name}: {path}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
