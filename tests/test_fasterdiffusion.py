@@ -361,3 +361,16 @@ def test_parallel_loop_refuses_mismatched_steps_and_quirks_without_guidance():
     with pytest.raises(UserError, match="guidance"):
         parallel_sample_loop(diffusion, model, (1, 4, 8, 8), model_kwargs={"y": torch.tensor([0])},
                              official_quirks=True)
+
+
+def test_the_hook_declares_its_flop_bound_and_protocol():
+    from methods.dit import DiT
+    from methods.fasterdiffusion import FasterDiffusion
+
+    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=28, num_heads=2, num_classes=10)
+    speed = FasterDiffusion(model, key_steps="speed", num_steps=250)
+    assert round(speed.ideal_speedup(), 3) == 1.544
+    assert speed.protocol_card() == {"key_steps": "speed-rule", "encoder_depth": 18}
+    fid = FasterDiffusion(model, key_steps="fid", num_steps=250)
+    assert round(fid.ideal_speedup(), 3) == 1.239 and fid.protocol_card()["key_steps"] == "fid-list"
+    assert FasterDiffusion(model, key_steps="all").ideal_speedup() == 1.0
