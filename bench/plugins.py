@@ -64,6 +64,10 @@ class Method:
     sample_hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
     # Model families a hook can act on; empty means any.
     compatible_families: tuple[str, ...] = ()
+    # How `dit-bench reproduce` re-runs this paper, by preset ("paper", "tiny"): plain data that
+    # bench/reproduce.py reads (model, checkpoint, hooks, protocol, speed settings), so the harness
+    # core never names a method.
+    recipes: dict = field(default_factory=dict)
 
     def contributes(self) -> list[str]:
         parts = []

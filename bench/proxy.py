@@ -125,7 +125,7 @@ class ProxyBackend(FeatureBackend):
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = torch.from_numpy(np.array(images))  # a copy: the npz reader may hand out read-only views
         if x.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
             x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                               align_corners=False).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

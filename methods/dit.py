@@ -197,9 +197,47 @@ def _zoo() -> tuple[ModelSpec, ...]:
     return tuple(specs)
 
 
+# `dit-bench reproduce dit`: plain data read by bench/reproduce.py.
+# paper: Table 4's headline row, DiT-XL/2 at 256 px, 250 DDPM steps, CFG 1.5, FID-50k in the ADM protocol.
+# tiny: the embedded default's proxy DiT on 16x16 digits in pixel space. "DiT-T/4" keeps DiT-XL's depth
+# (28 blocks, so FasterDiffusion's 18/28 encoder split exists) at a width a CPU trains in minutes;
+# its weights ship in bench/proxy_assets and `dit-bench proxy-assets` re-trains them with "train".
+RECIPES = {
+    "paper": {
+        "kind": "sampling", "model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema",
+        "reference": "adm-ref-imagenet256", "evaluator": "adm-tf",
+        "sampling": {"sampler": "ddpm", "steps": "250", "cfg_scale": 1.5, "num_samples": 50_000,
+                     "labels": "random", "precision": "tf32", "batch_size": 32},
+        "speed": {"protocol": "paper", "steps": 250, "batches": [8], "cfg_scale": 4.0},
+        "assets": ["DiT-XL-2-256", "sd-vae-ft-ema", "adm-ref-imagenet256", "adm-inception-graph"],
+    },
+    "tiny": {
+        "kind": "sampling", "model": "DiT-T/4", "checkpoint": "proxy:dit-t4-digits.pt",
+        "image_size": 16, "num_classes": 10, "vae": "identity",
+        "reference": "proxy:digits-heldout", "evaluator": "proxy",
+        "sampling": {"sampler": "ddim", "steps": "ddim50", "cfg_scale": 1.5, "num_samples": 250,
+                     "labels": "balanced", "precision": "fp32", "batch_size": 125},
+        "speed": {"protocol": "paper", "steps": 50, "batches": [8, 64], "cfg_scale": 1.5},
+        "proxy_models": {
+            "DiT-T/4": {
+                "base": "DiT-S/4", "config": {"depth": 28, "hidden_size": 64, "patch_size": 4, "num_heads": 4},
+                "description": "proxy: depth 28, hidden 64, 4 heads, patch 4 (16 tokens at 16 px)",
+                "checkpoint": "dit-t4-digits.pt",
+                "train": {"global_batch_size": 64, "steps": 4000, "lr": 1e-3, "ema_decay": 0.995, "seed": 0},
+            },
+            # SpeeDiT's tiny preset trains this one from scratch in every run (nothing shipped).
+            "DiT-T6/4": {
+                "base": "DiT-S/4", "config": {"depth": 6, "hidden_size": 64, "patch_size": 4, "num_heads": 4},
+                "description": "proxy: depth 6, hidden 64, 4 heads, patch 4 (16 tokens at 16 px)",
+            },
+        },
+    },
+}
+
 METHOD = Method(
     name="dit",
     title="DiT (baseline)",
     paper="Peebles & Xie, Scalable Diffusion Models with Transformers, ICCV 2023",
     models=_zoo(),
+    recipes=RECIPES,
 )
