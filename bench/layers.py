@@ -123,6 +123,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return weights.softmax(dim=-1) @ v
 
 
+def attention_backend(device: torch.device | str = "cpu") -> dict:
+    """What computes attention on this device, for protocol cards (kernels differ in the last bits)."""
+    info = {"implementation": "sdpa" if _FUSED_ATTENTION else "explicit-matmul-softmax"}
+    if torch.device(device).type == "cuda":
+        info.update(flash=torch.backends.cuda.flash_sdp_enabled(),
+                    mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+                    cudnn=torch.backends.cuda.cudnn_sdp_enabled(), math=torch.backends.cuda.math_sdp_enabled())
+    return info
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's parameter names (qkv, proj), computed by fused SDPA."""
 

@@ -32,6 +32,7 @@ import torch
 
 from bench import seeding
 from bench.errors import UserError
+from bench.layers import attention_backend
 from bench.results import write_json_atomic
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -301,6 +302,7 @@ def run(parts: SamplerParts, protocol: SamplingProtocol, out_dir: str | os.PathL
         "fingerprint": protocol.fingerprint(),
         "status": "running",
         "num_done": len(done),
+        "attention": attention_backend(device),
         "environment": environment or capture_environment(),
     }
     if world.is_main:

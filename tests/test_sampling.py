@@ -187,6 +187,8 @@ def test_cli_sample_rerun_and_other_batch_size(tiny_assets, tmp_path, cli_runner
     assert (out / "samples.npz").read_bytes() == (tmp_path / "other" / "samples.npz").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["protocol"]["checkpoint_sha256"] and manifest["status"] == "complete"
+    assert manifest["attention"] == {"implementation": "sdpa"}
+    assert manifest["environment"]["torch"] and manifest["environment"]["diffusers"]
 
 
 def test_cli_bad_checkpoint_is_one_line(tiny_assets, tmp_path):
