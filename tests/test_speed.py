@@ -16,12 +16,11 @@ from bench import plugins, results, speed
 from bench.errors import UserError
 from bench.timing import TimingStats
 from methods import fasterdiffusion as fd
-from methods.dit import DiT, dit_macs
-from tests.support.tiny import TINY_MODEL, register_tiny_method, tiny_dit, tiny_vae_folder
+from methods.dit import dit_macs
+from tests.support.tiny import (TINY_DEEP_CONFIG, TINY_DEEP_MODEL, TINY_MODEL, register_tiny_method, tiny_dit,
+                                tiny_vae_folder)
 
-# FasterDiffusion's split needs more than 18 blocks: a 28-block model as narrow as the tiny one.
-DEEP = "Tiny-DiT-28/2"
-DEEP_CONFIG = dict(patch_size=2, hidden_size=32, depth=28, num_heads=2)
+DEEP, DEEP_CONFIG = TINY_DEEP_MODEL, TINY_DEEP_CONFIG
 # Tiny-DiT/2 has latent side 8: 64 px images with the SD VAE's factor 8 (--vae none), 16 px with the tiny VAE's 2.
 TINY = ["--image-size", "64", "--num-classes", "10"]
 
@@ -29,9 +28,6 @@ TINY = ["--image-size", "64", "--num-classes", "10"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models():
     register_tiny_method()
-    if DEEP not in plugins.models():
-        spec = plugins.ModelSpec(DEEP, DiT, DEEP_CONFIG, family="DiT", default_input_size=8, macs=dit_macs)
-        plugins.register(plugins.Method(name="tiny-deep-test", title="28-block tiny DiT", models=(spec,)))
 
 
 def invoke(cli_runner, *args):
@@ -119,7 +115,7 @@ def test_baseline_and_hook_rows_carry_speedup_and_ideal_and_validate(cli_runner,
     for row in rows:
         results.validate(row)  # and every row is a complete record of the same schema
     base, hook = rows
-    assert base["subject"] == {"method": "tiny-deep-test", "model": DEEP, "resolution": 64, "hooks": {"sample": []}}
+    assert base["subject"] == {"method": "tiny-test", "model": DEEP, "resolution": 64, "hooks": {"sample": []}}
     assert hook["subject"]["method"] == "fasterdiffusion"
     assert hook["subject"]["hooks"] == {"sample": ["fasterdiffusion"]}
     assert record["subject"] == hook["subject"] and record["metrics"] == hook["metrics"]  # the headline row

@@ -16,24 +16,19 @@ from bench.distributed import World
 from bench.errors import UserError
 from bench.plugins import PluginError
 from bench.training import TrainConfig, TrainHooks
+from tests.support.tiny import TINY_DEEP_MODEL as DEEP_MODEL
 from tests.support.tiny import TINY_MODEL, register_tiny_method
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEP_MODEL = "Tiny-DiT-28/2"  # FasterDiffusion's encoder/decoder split needs more than 18 blocks
 EDT_MODEL = "Tiny-EDT/2"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    from methods.dit import DiT, dit_macs
-
     register_tiny_method()
     if "training-test" not in plugins.methods():
-        deep = plugins.ModelSpec(DEEP_MODEL, DiT, dict(patch_size=2, hidden_size=32, depth=28, num_heads=2,
-                                                       num_classes=10), family="DiT", default_input_size=8,
-                                 macs=dit_macs)
         plugins.register(plugins.Method(
-            name="training-test", title="hooks that exercise the train-hook contract", models=(deep,),
+            name="training-test", title="hooks that exercise the train-hook contract",
             train_hooks={"fake-loss": FakeLoss, "fake-timesteps": FakeTimesteps}))
         from methods.edt import EDT
 

@@ -11,6 +11,9 @@ from bench import plugins
 
 TINY_MODEL = "Tiny-DiT/2"
 TINY_CONFIG = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+# FasterDiffusion's official encoder/decoder split (18 of 28 blocks) needs a deep model: as narrow as the tiny one.
+TINY_DEEP_MODEL = "Tiny-DiT-28/2"
+TINY_DEEP_CONFIG = dict(patch_size=2, hidden_size=32, depth=28, num_heads=2, num_classes=10)
 
 
 def register_tiny_method() -> plugins.Method:
@@ -19,8 +22,9 @@ def register_tiny_method() -> plugins.Method:
     existing = plugins.methods().get("tiny-test")
     if existing is not None:
         return existing
-    spec = plugins.ModelSpec(TINY_MODEL, DiT, TINY_CONFIG, family="DiT", default_input_size=8, macs=dit_macs)
-    return plugins.register(plugins.Method(name="tiny-test", title="Tiny DiT for tests", models=(spec,)))
+    specs = tuple(plugins.ModelSpec(name, DiT, config, family="DiT", default_input_size=8, macs=dit_macs)
+                  for name, config in ((TINY_MODEL, TINY_CONFIG), (TINY_DEEP_MODEL, TINY_DEEP_CONFIG)))
+    return plugins.register(plugins.Method(name="tiny-test", title="Tiny DiTs for tests", models=specs))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
