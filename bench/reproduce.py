@@ -37,7 +37,9 @@ from bench.results import write_json_atomic
 
 PRESETS = ("paper", "tiny")
 STAGES_FILE = "stages.json"
-KINDS = ("sampling", "training")  # paired sampling (inference methods) | paired training runs (training methods)
+# paired sampling (inference methods) | paired training runs (training methods) | training-step speed of
+# train-hook configurations (bench.speed's training rows) | MACs/params of registered models (+ CPU forward times)
+KINDS = ("sampling", "training", "training-speed", "architecture")
 PROXY_PREFIX = "proxy:"
 PROXY_REFERENCE = "proxy:digits-heldout"
 TRAIN_DATA_FILE = "digits-train.npz"
@@ -200,6 +202,17 @@ def plan(opts: Options) -> dict:
     recipe = recipe_for(opts.method, opts.preset)
     if recipe["kind"] not in KINDS:
         raise ReproduceError(f"recipe kind {recipe['kind']!r} of {opts.method!r} is not one of {', '.join(KINDS)}")
+    if recipe["kind"] in ("training-speed", "architecture"):
+        if opts.nproc_per_node != 1:
+            raise ReproduceError(f"a {recipe['kind']} recipe runs in one process; drop --nproc-per-node")
+        given = {"--num-samples": opts.num_samples, "--steps": opts.steps, "--speed-steps": opts.speed_steps,
+                 "--speed-batch": opts.speed_batches, "--batch-size": opts.batch_size,
+                 "--train-steps": opts.train_steps, "--ckpt-every": opts.ckpt_every}
+        unused = [name for name, value in given.items() if value]
+        if unused:
+            raise ReproduceError(f"{', '.join(unused)} do not apply to a {recipe['kind']} recipe (it samples and "
+                                 "trains nothing); drop them")
+        return recipe
     if recipe["kind"] == "training" and opts.train_steps is not None:
         if opts.train_steps < 1:
             raise ReproduceError("--train-steps must be at least 1")
@@ -320,7 +333,7 @@ def reproduce(opts: Options, say: Callable[[str], None] = lambda s: None) -> dic
     recipe = plan(opts)
     check_assets(recipe)  # before any work: offline, a missing asset is one line and nothing else happens
     register_proxy_models()
-    proxy = recipe["evaluator"] == "proxy"
+    proxy = bool(recipe.get("proxy", recipe.get("evaluator") == "proxy"))
     run_dir = Path(opts.out or default_out(opts.method, opts.preset))
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(run_dir, say)
@@ -330,8 +343,10 @@ def reproduce(opts: Options, say: Callable[[str], None] = lambda s: None) -> dic
     if not (run_dir / "recipe.json").is_file() or json.loads((run_dir / "recipe.json").read_text()) != plan_file:
         write_json_atomic(run_dir / "recipe.json", plan_file)
 
-    if recipe["kind"] == "training":
-        summary = training_run(recipe, opts, run_dir, stages, device)
+    if recipe["kind"] in ("training", "training-speed", "architecture"):
+        run = {"training": training_run, "training-speed": training_speed_run,
+               "architecture": architecture_run}[recipe["kind"]]
+        summary = run(recipe, opts, run_dir, stages, device)
         return {**summary, "run_dir": str(run_dir), "report": str(run_dir / "report.md"), "ran": stages.ran,
                 "reused": stages.reused, "seconds": round(time.perf_counter() - started, 3), "proxy": proxy}
 
@@ -743,6 +758,296 @@ def _references():
     from bench import reference
 
     return reference.load_all()
+
+
+# ------------------------------------------------------------------------------------------ training-speed recipes
+def training_speed_run(recipe: dict, opts: Options, run_dir: Path, stages: Stages, device) -> dict:
+    """bench.speed's training rows for the recipe's train-hook configurations, all in one run: each row's
+    speed-up and memory are ratios against the first configuration (the same-run baseline)."""
+    out = run_dir / "train-speed.json"
+    say = getattr(stages, "say", lambda s: None)
+    if device.type != "cuda" and recipe.get("expects_gpu"):
+        say(f"warning: {recipe['expects_gpu']}")
+    key = {k: recipe[k] for k in ("models", "train_configs", "global_batch_size", "image_size", "num_classes", "vae",
+                                  "warmup", "repeats") if k in recipe}
+    key["device"] = device.type
+    stages.run("train-speed", key, [out.name], lambda: _training_speed_stage(recipe, device, out, say))
+    record = json.loads(out.read_text())
+    stages.run("report", {"record": file_sha(out), "recipe": recipe, "references": _reference_stamp()},
+               ["report.md"], lambda: _training_speed_report(run_dir, out, recipe, opts, stages))
+    rows = record["extra"]["train_rows"]
+    return {"train_speedup": {r["protocol"]["train_config"]: r["metrics"].get("speedup") for r in rows}}
+
+
+def _training_speed_stage(recipe: dict, device, out: Path, say) -> None:
+    from bench import results
+    from bench import speed as speeds
+
+    proxy = bool(recipe.get("proxy"))
+    config = speeds.SpeedConfig(
+        models=tuple(recipe["models"]), protocol=recipe.get("timing_protocol", "paper"), sample=False, train=True,
+        train_configs=tuple(recipe["train_configs"]), global_batch_size=recipe["global_batch_size"],
+        image_size=recipe["image_size"], num_classes=recipe["num_classes"], vae=recipe["vae"],
+        warmup=recipe.get("warmup"), repeats=recipe.get("repeats"), reference_gpu=recipe.get("reference_gpu"))
+    record = speeds.run(config, device, say=say)
+    for row in [record, *record["extra"]["train_rows"]]:
+        row["proxy"] = proxy
+    results.save(record, out)
+
+
+def published_ratio(refs, method: str, metric: str, hooks: list[str], base_hooks: list[str]) -> list[tuple[float, str]]:
+    """Published ``metric`` of ``hooks`` over that of ``base_hooks``, both rows from one source."""
+    from bench.reference import norm
+
+    def rows(h):
+        return [r for r in refs.rows if r["metric"] == metric and r["value"] is not None and r["role"] != "claim"
+                and norm(r["method"]) == norm(method) and set(r["hooks"] or []) == set(h)]
+
+    out = []
+    for row in rows(hooks):
+        for base in rows(base_hooks):
+            # the row's own baseline link where it has one; else the same source and GPU count
+            linked = row.get("baseline")
+            same = (base["uid"] == linked if linked else base["source"] == row["source"] and base["uid"] != row["uid"]
+                    and base["protocol"].get("num_gpus") == row["protocol"].get("num_gpus")
+                    and base["protocol"].get("precision") in ("tf32", "fp32", None))
+            if same and base["value"]:
+                out.append((row["value"] / base["value"], f"{row['value']:g} / {base['value']:g} ({row['uid']} / "
+                                                          f"{base['uid']})"))
+    return out
+
+
+def _training_speed_report(run_dir: Path, out: Path, recipe: dict, opts: Options, stages: Stages) -> Path:
+    from bench import report as reports
+
+    record = json.loads(out.read_text())
+    rows = record["extra"]["train_rows"]
+    refs = _references()
+    proxy = bool(recipe.get("proxy"))
+    lines = [f"# Reproduction: {opts.method} ({opts.preset} preset)", ""]
+    if proxy:
+        lines += ["> **Proxy run.** Training-step speed of a small model on this machine's "
+                  f"{record['protocol']['device_type']}, random weights and random data. Compared with the "
+                  "published numbers only through ratios against the same run's first configuration, never "
+                  "through absolute steps/s or memory.", ""]
+    lines += [*[f"- {note}" for note in recipe.get("notes", [])], "",
+              "## Protocol", "", "| setting | value |", "| --- | --- |",
+              f"| models | {', '.join(recipe['models'])} ({recipe['image_size']} px, VAE {recipe['vae']}) |",
+              f"| global batch | {recipe['global_batch_size']} |",
+              f"| configurations | {', '.join(recipe['train_configs'])} (baseline: the first) |",
+              f"| timing | one optimiser step (forward, loss, backward, AdamW, EMA); warm-up "
+              f"{record['extra']['request']['warmup']}, repeats {record['extra']['request']['repeats']}, median |",
+              "", "## Training speed: ratios against the same-run baseline", "",
+              "| model | config | train hooks | precision | steps/s | peak MB | speed-up | published speed-up | "
+              "memory ratio | published memory ratio |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    for r in rows:
+        m, p, base = r["metrics"], r["protocol"], r.get("baseline")
+        hooks, base_hooks = r["subject"]["hooks"]["train"], (base or {}).get("subject", {}).get("hooks", {}).get("train")
+        pub_speed = pub_mem = "-"
+        mem_ratio = None
+        if base is not None:
+            pub_speed = "; ".join(f"{v:.3f} = {t}" for v, t in published_ratio(
+                refs, r["subject"]["method"], "steps_per_s", hooks, base_hooks)) or "-"
+            pub_mem = "; ".join(f"{v:.3f} = {t}" for v, t in published_ratio(
+                refs, r["subject"]["method"], "peak_memory_mb", hooks, base_hooks)) or "-"
+            b_mem = base["metrics"].get("peak_memory_mb")
+            if b_mem and m.get("peak_memory_mb"):
+                mem_ratio = m["peak_memory_mb"] / b_mem
+        outcome = r["extra"]["outcome"]
+        lines.append(f"| {r['subject']['model']} | {p['train_config']} | {', '.join(p['train_hooks'])} | "
+                     f"{p['precision']} | {_fmt(m.get('steps_per_s')) if outcome == 'ok' else outcome} | "
+                     f"{_fmt(m.get('peak_memory_mb'), '.0f')} | {_fmt(m.get('speedup'), '.3f')} | {pub_speed} | "
+                     f"{_fmt(mem_ratio, '.3f')} | {pub_mem} |")
+    if any(r["metrics"].get("peak_memory_mb") is None for r in rows):
+        reasons = {r["extra"]["memory"].get("reason") for r in rows if r["extra"]["memory"].get("reason")}
+        lines += ["", f"Peak memory not measured: {'; '.join(sorted(reasons)) or 'not reported by the device'}."]
+    lines += ["", f"Computed in this invocation: {', '.join(stages.ran) or 'nothing'}; reused: "
+              f"{', '.join(stages.reused) or 'nothing'}. Raw JSON: `{out.name}` (every row a complete record), "
+              "`recipe.json`, `stages.json`.", ""]
+    body = reports.render_markdown(reports.build([out], refs))
+    body = body.replace("# dit-bench report", "## Measured vs published (bench.compare)", 1)
+    return reports.write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n" + body)
+
+
+# ------------------------------------------------------------------------------------------ architecture recipes
+def _variant(entry: dict, side: str) -> tuple[str, dict]:
+    return entry[side], dict(entry.get(f"{side}_config") or {})
+
+
+def _variant_name(model: str, config: dict) -> str:
+    return model + (f" ({', '.join(f'{k}={v}' for k, v in sorted(config.items()))})" if config else "")
+
+
+def architecture_counts(model: str, config: dict) -> dict:
+    """MACs of one forward at batch 1 (the model's analytic count) and parameter counts of a meta-device
+    instance: exact and device-independent, nothing is allocated."""
+    import torch
+
+    from bench import flops
+
+    spec = plugins.get_model(model)
+    if spec.macs is None:
+        raise ReproduceError(f"model {model!r} declares no analytic MAC count; an architecture recipe needs one")
+    with torch.device("meta"):
+        net = spec.build(**config)
+    return {"gmacs": flops.macs_to_gmacs(spec.macs(spec.kwargs(**config))),
+            "params": sum(v.numel() for v in net.state_dict().values()),
+            "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+
+
+def time_forward(model: str, config: dict, timing: dict) -> float:
+    """Median seconds of one eval-mode forward at the recipe's batch, random weights, on the CPU."""
+    import torch
+
+    from bench.timing import measure
+
+    spec = plugins.get_model(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = spec.build(**config).eval()
+        kw = spec.kwargs(**config)
+        side = kw.get("input_size", spec.default_input_size)
+        batch = timing.get("batch", 1)
+        x = torch.randn(batch, kw.get("in_channels", 4), side, side)
+    t = torch.full((batch,), 500, dtype=torch.long)
+    y = torch.zeros(batch, dtype=torch.long)
+    with torch.no_grad():
+        stats = measure(lambda: net(x, t, y), warmup=timing.get("warmup", 1), repeats=timing.get("repeats", 3),
+                        device="cpu")
+    return stats.median_s
+
+
+def architecture_run(recipe: dict, opts: Options, run_dir: Path, stages: Stages, device) -> dict:
+    """MAC and parameter ratios of the recipe's model pairs (exact), each count compared with the published
+    ones (bench.compare), plus optional CPU forward-time ratios (device-specific, labelled as such)."""
+    from bench import results
+
+    variants = {}
+    for entry in recipe["pairs"] + recipe.get("timing", {}).get("pairs", []):
+        for side in ("model", "versus"):
+            name, config = _variant(entry, side)
+            variants[_variant_name(name, config)] = (name, config)
+    counts_file = run_dir / "architecture.json"
+
+    def _counts():
+        counts = {label: {"model": name, "config": config, **architecture_counts(name, config)}
+                  for label, (name, config) in variants.items()}
+        write_json_atomic(counts_file, counts)
+        # One flops record per registered configuration (no overrides): what bench.compare checks against
+        # the published counts.
+        for label, c in counts.items():
+            if c["config"]:
+                continue
+            spec = plugins.get_model(c["model"])
+            record = results.make_record(
+                "flops", {"method": spec_owner(c["model"]), "model": c["model"], "resolution": recipe["image_size"],
+                          "hooks": {}},
+                {"input_size": spec.default_input_size, "batch_size": 1, "counted": "analytic MACs; meta-device "
+                 "parameters (state dict and trainable)"},
+                {k: c[k] for k in ("gmacs", "params", "trainable_params")})
+            results.save(record, run_dir / "flops" / f"{_slug(c['model'])}.json")
+
+    stages.run("count", {"variants": sorted(variants), "image_size": recipe["image_size"]},
+               [counts_file.name], _counts)
+    counts = json.loads(counts_file.read_text())
+    timing = recipe.get("timing")
+    times_file = run_dir / "forward-times.json"
+    if timing:
+        def _times():
+            times = {}
+            for entry in timing["pairs"]:
+                for side in ("model", "versus"):
+                    name, config = _variant(entry, side)
+                    label = _variant_name(name, config)
+                    if label not in times:
+                        stages.say(f"timing {label} on the CPU")
+                        times[label] = time_forward(name, config, timing)
+            write_json_atomic(times_file, {"device": "cpu", "timing": timing, "median_s": times})
+
+        stages.run("forward-times", {"timing": timing}, [times_file.name], _times)
+    record_files = sorted((run_dir / "flops").glob("*.json"))
+    key = {"counts": file_sha(counts_file), "records": [file_sha(p) for p in record_files],
+           "times": file_sha(times_file) if timing else None, "recipe": recipe, "references": _reference_stamp()}
+    stages.run("report", key, ["report.md"],
+               lambda: _architecture_report(run_dir, recipe, opts, stages, counts, record_files,
+                                            json.loads(times_file.read_text()) if timing else None))
+    return {"mac_ratios": {f"{e['model']} / {e['versus']}": counts[_variant_name(*_variant(e, "model"))]["gmacs"]
+                           / counts[_variant_name(*_variant(e, "versus"))]["gmacs"] for e in recipe["pairs"]}}
+
+
+def spec_owner(model: str) -> str:
+    return next(name for name, m in plugins.methods().items() if any(x.name == model for x in m.models))
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "-")
+
+
+def published_counts(refs, model: str, metric: str, resolution: int) -> list[dict]:
+    from bench.reference import norm
+
+    return [r for r in refs.rows if r["metric"] == metric and r["value"] is not None and r["model"]
+            and norm(r["model"]) == norm(model) and r["resolution"] in (None, resolution)]
+
+
+def _architecture_report(run_dir, recipe, opts, stages, counts, record_files, times) -> Path:
+    from bench import compare
+    from bench import report as reports
+
+    refs = _references()
+    lines = [f"# Reproduction: {opts.method} ({opts.preset} preset)", "",
+             "> MACs and parameters are counted exactly from the registered architectures (analytic MACs of one "
+             f"forward at batch 1, {recipe['image_size']} px; parameters of a meta-device instance): they do not "
+             "depend on the device, so they are compared with the published counts directly. Forward times, "
+             "where measured, are CPU times of random-weight models: a device-specific proxy, compared only "
+             "as ratios.", "", *[f"- {note}" for note in recipe.get("notes", [])], "",
+             "## Counts", "", "| model | GMACs | params | trainable params | published GMACs |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for label, c in counts.items():
+        pub = "; ".join(f"{r['value']:g} ({r['uid']})" for r in published_counts(refs, c["model"], "gmacs",
+                                                                                recipe["image_size"]))
+        lines.append(f"| {label} | {c['gmacs']:.4f} | {c['params']:,} | {c['trainable_params']:,} | "
+                     f"{pub if not c['config'] else '- (not a published configuration)'} |")
+    lines += ["", "## Ratios: model / versus", "",
+              "| model | versus | MAC ratio | params ratio | published MAC ratio | verdict | claim |",
+              "| --- | --- | ---: | ---: | --- | --- | --- |"]
+    for entry in recipe["pairs"]:
+        a, b = counts[_variant_name(*_variant(entry, "model"))], counts[_variant_name(*_variant(entry, "versus"))]
+        ratio = a["gmacs"] / b["gmacs"]
+        published, verdicts = [], []
+        if not a["config"] and not b["config"]:
+            for ra in published_counts(refs, a["model"], "gmacs", recipe["image_size"]):
+                for rb in published_counts(refs, b["model"], "gmacs", recipe["image_size"]):
+                    if ra["uid"] == rb["uid"]:
+                        continue
+                    pub = ra["value"] / rb["value"]
+                    # two published counts, each within the count tolerance: their ratio within sqrt(2) of it
+                    tol = 2 ** 0.5 * compare.tolerance("gmacs", pub)[0]
+                    published.append(f"{pub:.4f} = {ra['value']:g} / {rb['value']:g} ({ra['uid']} / {rb['uid']})")
+                    verdicts.append(compare.REPRODUCED if abs(ratio - pub) <= tol else compare.NOT_REPRODUCED)
+        verdict = ", ".join(f"{v} x{verdicts.count(v)}" for v in dict.fromkeys(verdicts)) or "-"
+        lines.append(f"| {_variant_name(*_variant(entry, 'model'))} | {_variant_name(*_variant(entry, 'versus'))} | "
+                     f"{ratio:.4f} (1/{1 / ratio:.2f}) | {a['params'] / b['params']:.4f} | "
+                     f"{'<br>'.join(published) or '-'} | {verdict} | {entry.get('claim', '-')} |")
+    if times:
+        t = times["timing"]
+        lines += ["", "## Forward time on this CPU (proxy: device-specific, ratios only)", "",
+                  f"Eval-mode forward, batch {t.get('batch', 1)}, random weights, warm-up {t.get('warmup', 1)}, "
+                  f"median of {t.get('repeats', 3)}; one CPU thread per `OMP_NUM_THREADS`.", "",
+                  "| comparison | model s | versus s | speed-up (versus s / model s) | MAC ratio (versus / model) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for entry in t["pairs"]:
+            la, lb = _variant_name(*_variant(entry, "model")), _variant_name(*_variant(entry, "versus"))
+            sa, sb = times["median_s"][la], times["median_s"][lb]
+            lines.append(f"| {entry.get('label', f'{la} vs {lb}')} | {sa:.4g} | {sb:.4g} | {sb / sa:.3f} | "
+                         f"{counts[lb]['gmacs'] / counts[la]['gmacs']:.3f} |")
+    lines += ["", f"Computed in this invocation: {', '.join(stages.ran) or 'nothing'}; reused: "
+              f"{', '.join(stages.reused) or 'nothing'}. Raw JSON: `architecture.json`, `flops/*.json`"
+              f"{', `forward-times.json`' if times else ''}, `recipe.json`, `stages.json`.", ""]
+    body = reports.render_markdown(reports.build(record_files, refs)) if record_files else ""
+    body = body.replace("# dit-bench report", "## Counts vs published (bench.compare)", 1)
+    return reports.write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n" + body)
 
 
 # ------------------------------------------------------------------------------------------ proxy assets

@@ -665,6 +665,26 @@ def _spec(name: str, config: dict) -> ModelSpec:
 
 _SIZES = {"S": (312, 12, [2, 2, 2, 3, 3]), "B": (624, 12, [2, 2, 2, 3, 3]), "XL": (936, 28, RELEASED_XL_LAYOUT)}
 
+
+# `dit-bench reproduce edt`: plain data read by bench/reproduce.py ("architecture"). EDT's speed claims are
+# against MDTv2, which this project does not implement; what is exact and device-independent is EDT's MACs
+# and parameters against DiT at each size, and the AMM's cost (it rescales attention weights: no linear
+# layer, so no MACs in EDT's own get_flops()), timed on and off on the CPU.
+_PAIRS = [{"model": f"EDT-{s}/2", "versus": f"DiT-{s}/2"} for s in ("S", "B", "XL")]
+_PAIRS.append({"model": "EDT-S/2", "versus": "EDT-S/2", "model_config": {"amm": True}, "versus_config": {"amm": False},
+               "claim": "AMM adds no MACs"})
+RECIPES = {
+    "tiny": {
+        "kind": "architecture", "image_size": 256, "pairs": _PAIRS,
+        "notes": ["The released EDT-XL/2 layout (stages_depth [6,4,4,7,7]) does not give the README's 51.83 GMACs "
+                  "or the code comment's 708.44M parameters; see the consistency findings below."],
+        "timing": {"batch": 1, "warmup": 1, "repeats": 3,
+                   "pairs": [{"model": "EDT-S/2", "versus": "EDT-S/2", "model_config": {"amm": True},
+                              "versus_config": {"amm": False}, "label": "EDT-S/2 AMM on vs off"},
+                             {"model": "EDT-S/2", "versus": "DiT-S/2", "label": "EDT-S/2 vs DiT-S/2"}]},
+    },
+}
+
 METHOD = Method(
     name="edt",
     title="EDT: An Efficient Diffusion Transformer Framework Inspired by Human-like Sketching",
@@ -674,4 +694,5 @@ METHOD = Method(
     train_hooks={"edt-mask": MaskedTraining},
     sample_hooks={"amm": amm_sample_hook},
     compatible_families=("EDT", "DiT"),
+    recipes=RECIPES,
 )

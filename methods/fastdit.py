@@ -82,6 +82,38 @@ class PreExtractedFeatures:
         pass
 
 
+
+# `dit-bench reproduce fastdit`: plain data read by bench/reproduce.py ("training-speed": bench.speed's
+# training rows, every configuration timed in one run; ratios against the first, "ckpt", as in the README
+# table, whose speed-ups are against train_baseline.py = grad-ckpt + TF32).
+_FAST_DIT_CONFIGS = ["ckpt", "amp", "features", "all", "plain", "grad-ckpt+amp-bf16"]
+RECIPES = {
+    # The README table's protocol: DiT-XL/2 at 256 px, global batch 128, VAE in the loop where fast-DiT has it.
+    "paper": {
+        "kind": "training-speed", "models": ["DiT-XL/2"], "image_size": 256, "num_classes": 1000, "vae": "ema",
+        "global_batch_size": 128, "train_configs": _FAST_DIT_CONFIGS, "reference_gpu": "A100",
+        "assets": ["sd-vae-ft-ema"],
+        "expects_gpu": "fast-DiT's table is DiT-XL/2 at global batch 128 on one A100; on a CPU each step takes "
+                       "minutes (hours for the whole run)",
+    },
+    # The proxy DiT-T6/4 (declared by dit's tiny recipe) on 16 px images in pixel space.
+    "tiny": {
+        "kind": "training-speed", "proxy": True, "models": ["DiT-T6/4"], "image_size": 16, "num_classes": 10,
+        "vae": "identity", "global_batch_size": 64, "train_configs": _FAST_DIT_CONFIGS, "warmup": 2, "repeats": 5,
+        "notes": [
+            "The VAE is the identity here, so 'features' (pre-extracted latents) removes no work: no gain is "
+            "expected, unlike fast-DiT's table where it removes the VAE encoder from every step.",
+            "amp is fast-DiT's fp16 autocast with loss scaling; on a CPU fp16 matmuls are emulated, so it is "
+            "expected to be slower, not faster; 'grad-ckpt+amp-bf16' shows bf16 beside it.",
+            "Gradient checkpointing trades compute for activation memory: 'plain' (no checkpointing) is expected "
+            "to be faster than the 'ckpt' baseline (a speed-up above 1).",
+            "bench.compare marks every published train speed-up 'not comparable' here (CPU vs 1-2 A100s, batch 64 "
+            "vs 128): a CPU ratio does not test a GPU claim. The published ratios stand beside the measured ones "
+            "for reading; the paper preset on an A100 is what gets verdicts.",
+        ],
+    },
+}
+
 METHOD = Method(
     name="fastdit",
     title="fast-DiT: gradient checkpointing, mixed precision, TF32 and VAE-feature pre-extraction",
@@ -94,4 +126,5 @@ METHOD = Method(
         "no-tf32": functools.partial(TF32, enabled=False),
         "features": PreExtractedFeatures,
     },
+    recipes=RECIPES,
 )

@@ -452,9 +452,35 @@ def _spec(name: str, hidden: int, heads: int) -> ModelSpec:
                      description=f"U-DiT, width {hidden}, {heads} heads, token-downsampled attention")
 
 
+
+# `dit-bench reproduce udit`: plain data read by bench/reproduce.py ("architecture"). The paper's headline
+# is U-DiT-B matching DiT-XL/2 at about 1/6 of its FLOPs: as MACs this ratio is exact and device-independent.
+_PAIRS = [
+    {"model": "U-DiT-B", "versus": "DiT-XL/2", "claim": "about 1/6 of DiT-XL/2's FLOPs (paper text; the published GMACs give 1/5.3)"},
+    {"model": "U-DiT-S", "versus": "DiT-S/2", "claim": "same MACs class as DiT-S/2"},
+    {"model": "U-DiT-B", "versus": "DiT-B/2", "claim": "same MACs class as DiT-B/2"},
+    {"model": "U-DiT-L", "versus": "DiT-XL/2", "claim": "-"},
+]
+RECIPES = {
+    "tiny": {
+        "kind": "architecture", "image_size": 256, "pairs": _PAIRS,
+        # similar MACs, different layout (downsampled-token attention, depthwise convolutions): does equal
+        # MACs mean equal time on this CPU?
+        "timing": {"batch": 1, "warmup": 1, "repeats": 3,
+                   "pairs": [{"model": "U-DiT-S", "versus": "DiT-S/2", "label": "U-DiT-S vs DiT-S/2 (~6 GMACs each)"}]},
+    },
+    "paper": {
+        "kind": "architecture", "image_size": 256, "pairs": _PAIRS,
+        "timing": {"batch": 1, "warmup": 1, "repeats": 3,
+                   "pairs": [{"model": "U-DiT-S", "versus": "DiT-S/2"}, {"model": "U-DiT-B", "versus": "DiT-XL/2",
+                                                                       "label": "U-DiT-B vs DiT-XL/2 (the headline)"}]},
+    },
+}
+
 METHOD = Method(
     name="udit",
     title="U-DiTs: Downsample Tokens in U-Shaped Diffusion Transformers",
     paper="arXiv:2405.02730",
     models=(_spec("U-DiT-S", 96, 4), _spec("U-DiT-B", 192, 8), _spec("U-DiT-L", 384, 16)),
+    recipes=RECIPES,
 )

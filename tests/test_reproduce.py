@@ -132,11 +132,27 @@ def test_recipes_name_only_registered_models_hooks_and_assets():
     for method in with_any:
         for preset in plugins.get_method(method).recipes:
             recipe = reproduce.recipe_for(method, preset)
+            assert recipe["kind"] in reproduce.KINDS
+            assert all(name in assets.REGISTRY for name in recipe["assets"])
+            if recipe["kind"] == "architecture":
+                pairs = recipe["pairs"] + recipe.get("timing", {}).get("pairs", [])
+                for entry in pairs:
+                    for side in ("model", "versus"):
+                        plugins.get_model(entry[side]).kwargs(**entry.get(f"{side}_config", {}))
+                continue
+            if recipe["kind"] == "training-speed":
+                from bench import speed
+
+                for model in recipe["models"]:
+                    family = plugins.get_model(model).family
+                    for config in recipe["train_configs"]:
+                        for hook in speed.train_hook_names(config):
+                            plugins.get_hook("train_hooks", hook, family)
+                continue
             spec = plugins.get_model(recipe["model"])
             kind = "sample_hooks" if recipe["kind"] == "sampling" else "train_hooks"
             for hook in recipe["hooks"]:
                 plugins.get_hook(kind, hook, spec.family)
-            assert all(name in assets.REGISTRY for name in recipe["assets"])
 
 
 def test_shipped_proxy_checkpoint_loads_and_is_small():
@@ -236,3 +252,76 @@ def test_sampling_under_torchrun_gives_the_single_process_images(tmp_path):
     two = reproduce.sample_stage(protocol, tmp_path / "two", 1, "cpu", 2, False)
     assert one["computed_now"] == two["computed_now"] == 3 and two["status"] == "complete"
     assert one["samples_sha256"] == two["samples_sha256"]
+
+
+def _run(cli_runner, method, run_dir):
+    return cli_runner.invoke(cli.app, ["reproduce", method, "--out", str(run_dir), "--device", "cpu", "--no-progress"],
+                             env={"COLUMNS": "200"})
+
+
+def test_udit_tiny_mac_ratios_are_exact_and_match_the_published_counts(cli_runner, tmp_path):
+    run_dir = tmp_path / "udit"
+    result = _run(cli_runner, "udit", run_dir)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((run_dir / "architecture.json").read_text())
+    # meta-device counts equal the official classes' (udit-code.yaml, dit-code.yaml)
+    assert counts["U-DiT-B"]["params"] == 231251304 and counts["DiT-XL/2"]["params"] == 675129632
+    assert counts["U-DiT-B"]["gmacs"] / counts["DiT-XL/2"]["gmacs"] == pytest.approx(22.225 / 118.62, rel=1e-3)
+    record = results.load(run_dir / "flops" / "U-DiT-B.json")
+    assert record["kind"] == "flops" and record["proxy"] is False
+    report = (run_dir / "report.md").read_text()
+    assert "| U-DiT-B | DiT-XL/2 | 0.1874" in report and "reproduced x4" in report
+    assert "Forward time on this CPU" in report
+    times = json.loads((run_dir / "forward-times.json").read_text())["median_s"]
+    assert set(times) == {"U-DiT-S", "DiT-S/2"} and all(t > 0 for t in times.values())
+    before = _files(run_dir)
+    again = _run(cli_runner, "udit", run_dir)
+    assert again.exit_code == 0 and "ran: nothing" in again.output and _files(run_dir) == before
+
+
+def test_edt_tiny_counts_amm_variant_and_surfaces_the_xl_layout(cli_runner, tmp_path):
+    run_dir = tmp_path / "edt"
+    result = _run(cli_runner, "edt", run_dir)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((run_dir / "architecture.json").read_text())
+    assert counts["EDT-S/2"]["params"] == 38550458 and counts["EDT-XL/2"]["trainable_params"] == 698523098
+    # the AMM rescales attention weights: no extra MACs, no parameters
+    on, off = counts["EDT-S/2 (amm=True)"], counts["EDT-S/2 (amm=False)"]
+    assert on["gmacs"] == off["gmacs"] == counts["EDT-S/2"]["gmacs"] and on["params"] == off["params"]
+    assert not (run_dir / "flops" / "EDT-S-2 (amm=True).json").exists()  # variants are not published configs
+    report = (run_dir / "report.md").read_text()
+    assert "EDT-S/2 AMM on vs off" in report and "51.83" in report  # README's XL count vs the released layout
+    times = json.loads((run_dir / "forward-times.json").read_text())["median_s"]
+    assert {"EDT-S/2 (amm=True)", "EDT-S/2 (amm=False)", "EDT-S/2", "DiT-S/2"} == set(times)
+
+
+@pytest.mark.slow
+def test_fastdit_tiny_times_the_configurations_against_ckpt(cli_runner, tmp_path):
+    run_dir = tmp_path / "fastdit"
+    result = _run(cli_runner, "fastdit", run_dir)
+    assert result.exit_code == 0, result.output
+    record = results.load(run_dir / "train-speed.json")
+    rows = record["extra"]["train_rows"]
+    assert [r["protocol"]["train_config"] for r in rows] == reproduce.recipe_for("fastdit", "tiny")["train_configs"]
+    assert all(r["proxy"] for r in rows) and rows[0].get("baseline") is None
+    for r in rows[1:]:
+        assert r["baseline"]["protocol"]["train_config"] == "ckpt"
+        assert r["metrics"]["speedup"] == pytest.approx(r["metrics"]["steps_per_s"] / rows[0]["metrics"]["steps_per_s"])
+    report = (run_dir / "report.md").read_text()
+    assert "0.919 = 40461 / 44045" in report and "Proxy run" in report
+    before = _files(run_dir)
+    again = _run(cli_runner, "fastdit", run_dir)
+    assert again.exit_code == 0 and "ran: nothing" in again.output and _files(run_dir) == before
+
+
+def test_fastdit_paper_recipe_is_the_readme_protocol_and_needs_the_vae_offline(cli_runner, tmp_path):
+    recipe = reproduce.plan(reproduce.Options("fastdit", "paper"))
+    assert (recipe["models"], recipe["global_batch_size"], recipe["image_size"]) == (["DiT-XL/2"], 128, 256)
+    assert recipe["train_configs"][0] == "ckpt"  # the README's speed-ups are against train_baseline.py
+    result = cli_runner.invoke(cli.app, ["reproduce", "fastdit", "--preset", "paper", "--out", str(tmp_path / "p")])
+    assert result.exit_code != 0 and isinstance(result.exception, AssetMissing)
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(UserError, match="one process"):
+        reproduce.plan(reproduce.Options("udit", "tiny", nproc_per_node=2))
+    with pytest.raises(UserError, match="--num-samples do not apply to a training-speed recipe"):
+        reproduce.plan(reproduce.Options("fastdit", "tiny", num_samples=10))
