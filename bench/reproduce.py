@@ -22,7 +22,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from bench import plugins
+from bench.atomic import atomic_open
 from bench.errors import UserError
 from bench.results import write_json_atomic
 
@@ -308,10 +308,8 @@ def write_proxy_reference(path: Path) -> None:
     from bench import proxy
 
     _, (images, labels) = proxy.split(*proxy.digits_images())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, arr_0=images, arr_1=labels)
 
 
 def quality_record(result: dict, subject: dict, protocol: dict, baseline: dict | None, proxy: bool) -> dict:
@@ -520,11 +518,9 @@ def side_by_side_grid(run_dir: Path, manifests: dict, path: Path, recipe: dict, 
         ax.axis("off")
     fig.suptitle("Same seeds (sample i of each arm shares its label and noise)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -721,10 +717,9 @@ def write_training_report(run_dir: Path, record: dict, recipe: dict, opts: Optio
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = files / ".fid_vs_steps.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(files / "fid_vs_steps.png", "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, files / "fid_vs_steps.png")
 
     t, s = recipe["train"], recipe["sampling"]
     ratio = record["metrics"]["convergence_speedup"]
@@ -1068,10 +1063,8 @@ def write_train_data(path: Path) -> Path:
     from bench import proxy
 
     (images, labels), _ = proxy.split(*proxy.digits_images())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, images=images, labels=labels)
     return path
 
 
@@ -1084,10 +1077,8 @@ def ship_checkpoint(trained: Path, dest: Path) -> Path:
     obj, _ = read_checkpoint(trained)
     small = {"ema": {k: (v.half() if v.is_floating_point() else v) for k, v in obj["ema"].items()},
              "args": obj.get("args"), "step": obj.get("step")}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save(small, tmp)
-    os.replace(tmp, dest)
+    with atomic_open(dest, "wb") as fh:
+        torch.save(small, fh)
     return dest
 
 

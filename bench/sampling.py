@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from bench import seeding
+from bench.atomic import atomic_open
 from bench.errors import UserError
 from bench.layers import attention_backend
 from bench.results import write_json_atomic
@@ -167,15 +167,8 @@ class ShardStore:
 
 
 def _savez_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def contiguous_batches(indices: Iterable[int], batch_size: int) -> list[list[int]]:

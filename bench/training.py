@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench import data, plugins
+from bench import atomic, data, plugins
 from bench.errors import UserError
 from bench.plugins import PluginError
 
@@ -499,9 +499,7 @@ class _Log:
         self.path, self.enabled = path, enabled
         if enabled and path.is_file():
             keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= resumed_at]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            atomic.write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, entry: dict) -> None:
         if self.enabled:

@@ -243,8 +243,6 @@ def test_speedit_tiny_trains_both_arms_and_plots_fid_against_steps(cli_runner, t
 
 @pytest.mark.slow
 def test_sampling_under_torchrun_gives_the_single_process_images(tmp_path):
-    from bench import sampling
-
     reproduce.register_proxy_models()
     recipe = reproduce.plan(reproduce.Options("fasterdiffusion", "tiny", num_samples=3, steps="3"))
     protocol = reproduce.sampling_protocol(recipe, ["fasterdiffusion"], "cpu")
