@@ -357,7 +357,7 @@ def reproduce(opts: Options, say: Callable[[str], None] = lambda s: None) -> dic
     for arm, hooks in arms.items():
         protocol = sampling_protocol(recipe, hooks, device.type)
         out_dir = run_dir / "samples" / arm
-        key = {"protocol": protocol.card()}
+        key = {"protocol": protocol.identity()}
 
         def _sample(protocol=protocol, out_dir=out_dir):
             sample_stage(protocol, out_dir, s.get("batch_size", 32), device, opts.nproc_per_node, opts.progress)
@@ -631,7 +631,7 @@ def training_run(recipe: dict, opts: Options, run_dir: Path, stages: Stages, dev
             recipe_at = {**recipe, "checkpoint": str(ckpt)}
             protocol = sampling_protocol(recipe_at, [], device.type)
             out_dir = run_dir / "curve" / arm / f"{step:07d}"
-            stages.run(f"sample-{arm}-{step}", {"protocol": protocol.card()},
+            stages.run(f"sample-{arm}-{step}", {"protocol": protocol.identity()},
                        [f"curve/{arm}/{step:07d}/samples.npz"],
                        lambda protocol=protocol, out_dir=out_dir: sample_stage(
                            protocol, out_dir, s.get("batch_size", 32), device, 1, opts.progress))

@@ -86,8 +86,19 @@ class SamplingProtocol:
         out["sample_hooks"] = list(self.sample_hooks)
         return out
 
+    def identity(self) -> dict:
+        """What determines the images: the card, with the checkpoint known by its content rather than its
+        path when the sha256 is known (a moved checkout or another cache directory is the same run)."""
+        return card_identity(self.card())
+
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.card(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def card_identity(card: dict) -> dict:
+    if card.get("checkpoint_sha256"):
+        card = {k: v for k, v in card.items() if k != "checkpoint"}
+    return card
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -254,7 +265,7 @@ def check_manifest(out_dir: Path, protocol: SamplingProtocol) -> None:
         previous = json.loads(path.read_text())["protocol"]
     except (json.JSONDecodeError, KeyError, OSError):
         raise SamplingError(f"{path} is not a dit-bench sampling manifest; use another --out directory") from None
-    current = protocol.card()
+    previous, current = card_identity(previous), protocol.identity()
     changed = [k for k in sorted(set(previous) | set(current)) if previous.get(k) != current.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])

@@ -212,3 +212,22 @@ def test_torchrun_two_processes_equals_one(tiny_assets, tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-2000:]
     assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
+
+
+def test_a_moved_checkpoint_with_the_same_content_is_the_same_run(tiny_assets, tmp_path):
+    import shutil
+
+    ckpt, vae = tiny_assets
+    from bench.assets import sha256_of
+
+    moved = tmp_path / "elsewhere" / "tiny.pt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    out = tmp_path / "run"
+    first = _run(_protocol(ckpt, vae, checkpoint_sha256=sha256_of(ckpt)), out, 8)
+    again = _run(_protocol(moved, vae, checkpoint_sha256=sha256_of(moved)), out, 8)
+    assert first["fingerprint"] == again["fingerprint"] and again["computed_now"] == 0
+    different = tmp_path / "different.pt"
+    save_training_checkpoint(different, tiny_dit(input_size=8, seed=5))
+    with pytest.raises(UserError, match="another protocol.*checkpoint_sha256"):
+        _run(_protocol(different, vae, checkpoint_sha256=sha256_of(different)), out, 8)
