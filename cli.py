@@ -213,15 +213,11 @@ def sample(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Sample to an ADM-format .npz, resumably: run the same command again to continue."""
-    import torch
-
     from bench import assets, distributed, sampling
     from bench.assets import sha256_of
 
     world = distributed.init(device)
-    dev = torch.device(device) if device else distributed.default_device(world)
-    if dev.type == "cuda" and world.world_size > 1:
-        dev = torch.device("cuda", world.local_rank)
+    dev = distributed.default_device(world, device)
     ckpt_sha = None
     if ckpt is not None and not random_weights:
         ckpt_sha = sha256_of(assets.resolve(ckpt))
@@ -411,16 +407,12 @@ def extract_features_cmd(
     """Encode a dataset once with the VAE (fast-DiT's pre-extraction), atomically and collision-free under torchrun."""
     import contextlib
 
-    import torch
-
     from bench import data as datasets
     from bench import distributed
     from bench.vae import load_vae
 
     world = distributed.init(device)
-    dev = torch.device(device) if device else distributed.default_device(world)
-    if dev.type == "cuda" and world.world_size > 1:
-        dev = torch.device("cuda", world.local_rank)
+    dev = distributed.default_device(world, device)
     images = datasets.open_images(data, image_size)
     encoder = load_vae(vae, dev)
     bar, advance = contextlib.nullcontext(), None

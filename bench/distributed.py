@@ -41,8 +41,13 @@ def init(device: str | torch.device | None = None) -> World:
     return World(rank, world_size, local_rank)
 
 
-def default_device(world: World) -> torch.device:
-    return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+def default_device(world: World, requested: str | torch.device | None = None) -> torch.device:
+    """The user's device, else CUDA when available; under torchrun each rank takes its own local GPU."""
+    dev = torch.device(requested) if requested else (
+        torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type == "cuda" and world.world_size > 1:
+        dev = torch.device("cuda", world.local_rank)
+    return dev
 
 
 def shutdown() -> None:

@@ -285,8 +285,6 @@ def torchrun_command(protocol, out_dir: Path, batch_size: int, nproc: int, devic
 
 def _distributed_sample(payload: str) -> None:
     """One torchrun worker of the sampling stage (what ``torchrun_command`` launches)."""
-    import torch
-
     from bench import distributed, sampling
 
     register_proxy_models()
@@ -295,9 +293,7 @@ def _distributed_sample(payload: str) -> None:
     fields["sample_hooks"] = tuple(fields["sample_hooks"])
     protocol = sampling.SamplingProtocol(**fields)
     world = distributed.init(args["device"])
-    dev = torch.device(args["device"]) if args["device"] else distributed.default_device(world)
-    if dev.type == "cuda" and world.world_size > 1:
-        dev = torch.device("cuda", world.local_rank)
+    dev = distributed.default_device(world, args["device"])
     parts, _ = sampling.build_parts(protocol, dev)
     sampling.run(parts, protocol, Path(args["out"]), args["batch_size"], dev, world=world, progress=False)
     distributed.shutdown()

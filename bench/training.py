@@ -630,9 +630,7 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None, worl
     from bench import distributed, results
 
     world = world or distributed.init(device)
-    dev = torch.device(device) if device else distributed.default_device(world)
-    if dev.type == "cuda" and world.world_size > 1:
-        dev = torch.device("cuda", world.local_rank)
+    dev = distributed.default_device(world, device)
     run = setup(config, dev, world, resume)
     started = time.perf_counter()
     summary = loop(run, progress=progress, on_log=on_log)

@@ -14,6 +14,7 @@ from torch import nn
 from bench import checkpoints, layers, plugins
 from bench.flops import count_macs_torch
 from methods import edt
+from tests.support.goldens import fingerprint, golden_inputs
 
 TINY = dict(input_size=16, hidden_size=48, depth=12, num_heads=[3, 4, 5, 4, 3], stages_depth=[2, 2, 2, 3, 3],
             dims=[48, 64, 80, 64, 48], num_classes=10, size="S")
@@ -121,17 +122,6 @@ def seeded_state(model: nn.Module, seed: int, std: float = 0.05) -> dict:
         if "pos_embed" not in key:
             state[key] = torch.randn(state[key].shape, generator=gen, dtype=torch.float64) * std
     return state
-
-
-def golden_inputs():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 4, 16, 16, generator=gen, dtype=torch.float64)
-    return x, torch.tensor([0, 250, 500, 999]), torch.tensor([1, 3, 9, 10])
-
-
-def fingerprint(out: torch.Tensor) -> torch.Tensor:
-    out = out.double()
-    return torch.cat([torch.stack([out.sum(), out.abs().sum()]), out[0, :, 3, 5], out[3, :, 7, 0]])
 
 
 @pytest.mark.parametrize("amm", ["amm", "noamm"])

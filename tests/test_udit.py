@@ -10,6 +10,7 @@ from torch import nn
 
 from bench import checkpoints, plugins
 from methods import udit
+from tests.support.goldens import fingerprint, golden_inputs
 
 TINY = dict(input_size=16, down_factor=2, hidden_size=16, num_heads=2, depth=[1, 1, 1, 1, 1], mlp_ratio=2,
             num_classes=10, ffn_type="rep", rep=1, attn_type="v2", posemb_type="rope2d", downsampler="dwconv5",
@@ -93,17 +94,6 @@ def seeded_state(model: nn.Module, seed: int, std: float = 0.05) -> dict:
     for key in sorted(state):
         state[key] = torch.randn(state[key].shape, generator=gen, dtype=torch.float64) * std
     return state
-
-
-def golden_inputs():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 4, 16, 16, generator=gen, dtype=torch.float64)
-    return x, torch.tensor([0, 250, 500, 999]), torch.tensor([1, 3, 9, 10])
-
-
-def fingerprint(out: torch.Tensor) -> torch.Tensor:
-    out = out.double()
-    return torch.cat([torch.stack([out.sum(), out.abs().sum()]), out[0, :, 3, 5], out[3, :, 7, 0]])
 
 
 @pytest.mark.parametrize("form", ["train", "eval", "eval twice", "cfg"])
