@@ -16,6 +16,7 @@ masked training with its loss pieces (§6-§7), MAC counting (§10), checkpoint 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -92,6 +93,18 @@ class RelativePositionBias(nn.Module):
         return bias.reshape(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
 
 
+def padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                multiple: int) -> torch.Tensor:
+    """SDPA with the head size zero-padded to ``multiple``: EDT's heads are 52 wide, and CUDA's fused kernels
+    (memory-efficient, cuDNN) take half-precision heads in multiples of 8 only. Zero columns add nothing to
+    q k^T, the scale is the unpadded one, and the padded output columns are dropped: the same attention."""
+    head = q.shape[-1]
+    pad = -head % multiple
+    if pad:
+        q, k, v = (F.pad(z, (0, pad)) for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :head]
+
+
 class AttentionBlock(nn.Module):
     """Self-attention with relative position bias; with ``local`` the AMM modulates it in eval mode."""
 
@@ -117,7 +130,7 @@ class AttentionBlock(nn.Module):
             weights = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
             x = (weights * self.modulation_matrix.to(weights.dtype)) @ v
         else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = padded_sdpa(q, k, v, bias, self.scale, multiple=8 if q.is_cuda else 1)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
@@ -397,16 +410,52 @@ def apply_amm(model: nn.Module, block_indices: Sequence[int] | None = None) -> A
     return AMMHandle(modules)
 
 
+class AMMSampler(nn.Module):
+    """A DiT with AMM on inside this wrapper's own calls only.
+
+    The model itself stays plain, so a speed run that times the same model with and without the hook (and
+    a run with other hooks) measures the baseline without AMM. The modulation matrices stay cached across
+    calls, as they would in a model with AMM always on.
+    """
+
+    def __init__(self, model: nn.Module, block_indices: Sequence[int] | None = None):
+        super().__init__()
+        self.model = model
+        handle = apply_amm(model, block_indices)  # refuses a model or arrangement that cannot take AMM, now
+        self.block_indices = [i for i, b in enumerate(model.blocks) if b.attn in handle.modules]
+        self._caches = {i: (None, None) for i in self.block_indices}
+        handle.remove()
+
+    @contextlib.contextmanager
+    def _amm_on(self):
+        handle = apply_amm(self.model, self.block_indices)
+        for i in self.block_indices:
+            self.model.blocks[i].attn._amm_cache = self._caches[i]
+        try:
+            yield
+        finally:
+            for i in self.block_indices:
+                self._caches[i] = self.model.blocks[i].attn._amm_cache
+            handle.remove()
+
+    def forward(self, *args, **kwargs):
+        with self._amm_on():
+            return self.model(*args, **kwargs)
+
+    def forward_with_cfg(self, *args, **kwargs):
+        with self._amm_on():
+            return self.model.forward_with_cfg(*args, **kwargs)
+
+
 def amm_sample_hook(model: nn.Module, block_indices: Sequence[int] | None = None,
                     num_steps: int | None = None) -> nn.Module:
-    """Sample hook ``amm``: switch AMM on in a DiT's blocks and hand the same model back.
+    """Sample hook ``amm``: the DiT with AMM on in its official blocks, during the hook's calls only.
 
     AMM is training-free and the same at every step, so the sampler's step count is not needed.
     """
     if isinstance(model, EDT):
         raise PluginError("EDT has AMM built in: pick the EDT model name with or without _noAMM instead")
-    apply_amm(model, block_indices)
-    return model
+    return AMMSampler(model, block_indices)
 
 
 amm_sample_hook.families = ("DiT",)

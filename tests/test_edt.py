@@ -544,8 +544,14 @@ def test_apply_amm_on_a_dit_stack_matches_the_explicit_computation():
 def test_amm_sample_hook_uses_the_official_dit_arrangement():
     torch.manual_seed(0)
     hook = plugins.get_hook("sample_hooks", "amm", "DiT")
-    model = hook(TinyDiTStack(depth=12, dim=16))
-    assert [i for i, b in enumerate(model.blocks) if "forward" in vars(b.attn)] == [8, 10]
+    plain = TinyDiTStack(depth=12, dim=16)
+    on_during_call = []
+    plain.register_forward_pre_hook(
+        lambda module, args: on_during_call.append([i for i, b in enumerate(module.blocks) if "forward" in vars(b.attn)]))
+    sampler = hook(plain)
+    sampler(torch.randn(1, 16, 16))
+    assert on_during_call == [[8, 10]]
+    assert not any("forward" in vars(b.attn) for b in plain.blocks)  # off again after the call
     xl = TinyDiTStack(depth=28, dim=8)
     with edt.apply_amm(xl):
         assert [i for i, b in enumerate(xl.blocks) if "forward" in vars(b.attn)] == [15, 17, 19, 22, 24]
@@ -556,6 +562,34 @@ def test_amm_sample_hook_uses_the_official_dit_arrangement():
         hook(tiny())
     with pytest.raises(plugins.PluginError, match="outside"):
         edt.apply_amm(TinyDiTStack(depth=4, dim=8), [4])
+
+
+def test_the_amm_hook_leaves_the_model_plain_for_the_baseline_beside_it():
+    """`dit-bench speed --hook amm` times the same model with and without the hook in one run."""
+    torch.manual_seed(0)
+    model = randomised(TinyDiTStack(depth=4, dim=32), std=0.2)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with edt.apply_amm(model, [1, 3]):
+            with_amm = model(x)
+        sampler = edt.amm_sample_hook(model, [1, 3])
+        assert torch.equal(sampler(x), with_amm)
+        assert torch.equal(model(x), plain)  # the baseline is not modulated after the hook was built
+        assert torch.equal(sampler(x), with_amm)  # and the cached matrices serve the next call
+    cached = [model.blocks[i].attn for i in (1, 3)]
+    assert all(sampler._caches[i][1] is not None for i in (1, 3)) and all("_amm_cache" not in vars(a) for a in cached)
+
+
+def test_padding_the_head_size_for_fused_kernels_keeps_the_attention():
+    """On CUDA EDT's 52-wide heads are padded to 56 so bf16 runs fused kernels; the result must not move."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 52, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(3, 16, 16, generator=g, dtype=torch.float64)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    padded = edt.padded_sdpa(q, k, v, mask, 52 ** -0.5, multiple=8)
+    assert padded.shape == plain.shape
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-12)
 
 
 def test_registry_names():
