@@ -31,14 +31,16 @@ def init(device: str | torch.device | None = None) -> World:
     """Join the process group torchrun set up (idempotent); a plain run is a world of one."""
     if not launched_by_torchrun():
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # before NCCL starts, so its communicator binds this rank's GPU
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.set_device(local_rank)
-    return World(rank, world_size, local_rank)
+        if use_cuda:
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def default_device(world: World, requested: str | torch.device | None = None) -> torch.device:

@@ -7,6 +7,8 @@ Memory is reported in MiB (2**20 bytes), the unit torch and nvidia-smi print, un
 """
 from __future__ import annotations
 
+import gc
+
 import os
 import platform
 import threading
@@ -297,6 +299,10 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # The reserved peak restarts from what is reserved now: cached blocks of an earlier, larger row
+            # (a batch the saturating search tried) would count as this row's unless they are returned first.
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 

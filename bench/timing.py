@@ -72,18 +72,23 @@ class Timer:
         self.elapsed_s = None
         self._sync()
         if self.cuda_events:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start = self._record_event()
         else:
             self._t0 = self._clock()
         return self
+
+    def _record_event(self) -> "torch.cuda.Event":
+        """An event on the timed device's current stream (not cuda:0's when the work runs on cuda:1)."""
+        with torch.cuda.device(self.device):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             return  # a failed call has no time; the exception propagates
         if self.cuda_events:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end = self._record_event()
             self._sync()  # elapsed_time needs both events completed
             self.elapsed_s = self._start.elapsed_time(end) / 1e3  # events report milliseconds
         else:

@@ -263,13 +263,15 @@ def test_a_failing_power_read_ends_sampling_and_is_reported():
 def test_peak_memory_resets_before_and_reads_after(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("release cached blocks"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated",
                         lambda device=None: calls.append("read") or 1536 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 2048 * 2**20)
     with PeakMemory("cuda:0") as memory:
         calls.append("work")
-    assert calls == ["sync", "reset", "work", "sync", "read"]
+    # cached blocks of earlier rows go back first: the reserved peak restarts from what is reserved at reset
+    assert calls == ["sync", "release cached blocks", "reset", "work", "sync", "read"]
     assert memory.metrics() == {"peak_memory_mb": 1536.0, "reserved_memory_mb": 2048.0}
     assert "reason" not in memory.to_dict()
 

@@ -45,7 +45,8 @@ class FakeCudaEvent:
     def __init__(self, enable_timing=False):
         assert enable_timing, "timing events must be created with enable_timing=True"
 
-    def record(self):
+    def record(self, stream=None):
+        assert stream == ("stream of", self.device.current), "recorded on the timed device's stream"
         self.stamp = self.device.now + self.device.pending
         self.recorded_at_sync = self.device.syncs
 
@@ -96,10 +97,24 @@ def test_statistics_of_known_samples():
 
 def test_cuda_event_path_reads_events_after_synchronising(monkeypatch):
     dev = FakeDevice()
+    dev.current = None
     FakeCudaEvent.device = dev
+
+    class OnDevice:  # torch.cuda.device(d): events created inside belong to d
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            dev.current = self.device
+
+        def __exit__(self, *exc):
+            dev.current = None
+
     monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "device", OnDevice)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
     durations = iter([2.0, 0.125, 0.25, 0.5])
-    stats = measure(lambda: dev.launch(next(durations)), warmup=1, repeats=3, device="cuda", sync=dev.sync)
+    stats = measure(lambda: dev.launch(next(durations)), warmup=1, repeats=3, device="cuda:1", sync=dev.sync)
     assert stats.timer == "cuda_event"
     assert stats.samples_s == (0.125, 0.25, 0.5)
 
