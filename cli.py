@@ -452,14 +452,16 @@ def speed_cmd(
                                     "(FasterDiffusion's timing script), fast 1.5."),
     image_size: int = typer.Option(256, help="Image resolution."),
     num_classes: int = typer.Option(1000),
-    vae: str = typer.Option("none", help="none (decode not timed) | ema | mse | identity | a diffusers folder."),
+    vae: str = typer.Option("none", help="none (decode not timed) | random (the SD VAE at random weights: no "
+                            "download) | ema | mse | identity | a diffusers folder."),
     vae_batch: int = typer.Option(32, help="Latents per VAE decode call."),
     attention: str = typer.Option(None, help="default | fused | flash | cudnn | efficient | math | explicit. "
                                   "Default: fused on CUDA under fast, else default."),
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the repeated blocks. "
                                   "Default: on for fast on CUDA, off otherwise."),
-    compile_mode: str = typer.Option("max-autotune-no-cudagraphs", help="torch.compile mode; reduce-overhead "
-                                     "adds CUDA graphs."),
+    compile_mode: str = typer.Option("default", help="torch.compile mode: default | max-autotune-no-cudagraphs "
+                                     "(autotunes GEMMs per batch shape: slow to compile) | reduce-overhead and "
+                                     "max-autotune (CUDA graphs of the whole forward; no hooks)."),
     warmup: int = typer.Option(None, help="Untimed runs per row (default: paper 2, fast 2)."),
     repeats: int = typer.Option(None, help="Timed runs per row (default: paper 1, fast 5)."),
     max_batch: int = typer.Option(None, help="Largest batch the auto search tries (default 1024 on CUDA, 64 on CPU)."),
@@ -471,6 +473,10 @@ def speed_cmd(
                                            "the --vae allows."),
     global_batch_size: int = typer.Option(128, help="Training batch (fast-DiT's table: 128)."),
     gpu: str = typer.Option(None, "--gpu", help="The GPU the published numbers were measured on, e.g. A100."),
+    official_code: Path = typer.Option(None, "--official-code", help="A checkout of the model's official "
+                                       "repository (e.g. facebookresearch/DiT): its sampler is timed beside, on "
+                                       "the same weights and inputs, and each row gets its speed-up over it. "
+                                       "Imports (runs) that folder's code."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the result record (JSON) here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result record as JSON only."),
@@ -487,7 +493,7 @@ def speed_cmd(
         vae_batch=vae_batch, attention=attention, compile=compile_, compile_mode=compile_mode, warmup=warmup,
         repeats=repeats, max_batch=max_batch, search_steps=search_steps, reference_gpu=gpu, sample=sample_,
         train=train, train_configs=tuple(train_config) if train_config else None,
-        global_batch_size=global_batch_size)
+        global_batch_size=global_batch_size, official_code=str(official_code) if official_code else None)
     say = (lambda text: err_console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True))
     record = speed.run(config, device, say=say)
     if out is not None:

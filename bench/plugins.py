@@ -39,6 +39,10 @@ class ModelSpec:
     description: str = ""
     # Official released weights by image size, as bench/assets names (e.g. {256: "DiT-XL-2-256"}).
     checkpoints: dict = field(default_factory=dict)
+    # Where the architecture lives in its official repository, as "module:attribute" inside a checkout:
+    # {"model": "models:DiT", "diffusion": "diffusion:create_diffusion"} (bench/official.py imports them
+    # for `dit-bench speed --official-code DIR`). The model class takes this spec's constructor kwargs.
+    official_code: dict = field(default_factory=dict)
 
     def kwargs(self, **overrides) -> dict:
         kw = dict(self.config)

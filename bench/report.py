@@ -114,6 +114,8 @@ def render_markdown(report: Report, images: dict[str, str] | None = None, *, git
                       [[c.subject, c.metric, _num(c.measured), _published(c), c.reason, c.uid or "–"] for c in skipped]),
                 "", "</details>", ""]
 
+    out += speed_sections(report)
+
     out += ["## Plots", ""]
     if images:
         for name, rel in images.items():
@@ -161,6 +163,56 @@ def render_markdown(report: Report, images: dict[str, str] | None = None, *, git
             "", "Tolerances widen by the published value's last digit, its printed range and any read-off "
             "uncertainty stated in the reference row.", ""]
     return "\n".join(out)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _batch(protocol: dict) -> str:
+    batch = "–" if protocol.get("batch_size") is None else str(protocol["batch_size"])
+    return f"auto→{batch}" if protocol.get("batch_policy") == "auto" else batch
+
+
+def speed_sections(report: Report) -> list[str]:
+    """Every row of every `dit-bench speed` record: the measurement matrix, not only each record's headline."""
+    out = []
+    for path, record in zip(report.paths, report.records):
+        extra = record.get("extra") or {}
+        rows, train_rows = extra.get("rows") or [], extra.get("train_rows") or []
+        if rows:
+            first = rows[0]["protocol"]
+            out += [f"## Sampling speed: `{path.name}`", "",
+                    f"{first['name']} protocol: {first['sampler']}, {first['steps']} steps, guidance "
+                    f"{first['cfg_scale']}, VAE {first.get('vae')}, on {first.get('gpu') or first.get('device_type')}. "
+                    "s/img and img/s are the denoising loop's (VAE excluded); MFU against the dense datasheet "
+                    "peak of the row's matmul precision; speed-up over the baseline (hooks) and over the "
+                    "official code at the same batch (fixed) or at each one's saturating batch (auto).", "",
+                    table(["model", "code / method", "precision", "attention", "compiled", "batch", "s/img", "img/s",
+                           "MFU", "VAE s/img", "peak MB", "J/img", "speed-up", "vs official", "outcome"],
+                          [[r["subject"]["model"],
+                            "official code" if r["protocol"].get("code") == "official"
+                            else ", ".join(r["subject"]["hooks"]["sample"]) or "baseline",
+                            r["protocol"]["precision"], r["protocol"].get("attention"),
+                            r["protocol"].get("compile_mode") if r["protocol"].get("compile") else "no",
+                            _batch(r["protocol"]), _num(r["metrics"].get("s_per_image")),
+                            _num(r["metrics"].get("images_per_s")), _pct(r["metrics"].get("mfu")),
+                            _num(r["metrics"].get("vae_decode_s_per_image")),
+                            _num(r["metrics"].get("peak_memory_mb")), _num(r["metrics"].get("joules_per_image")),
+                            _num(r["metrics"].get("speedup")), _num(r["metrics"].get("speedup_vs_official")),
+                            (r.get("extra") or {}).get("outcome", "ok")] for r in rows]), ""]
+        if train_rows:
+            out += [f"## Training speed: `{path.name}`", "",
+                    f"One optimiser step (forward, loss, backward, AdamW, EMA) at global batch "
+                    f"{train_rows[0]['protocol'].get('global_batch_size')}; speed-up over the first configuration "
+                    "that ran.", "",
+                    table(["model", "config", "train hooks", "precision", "steps/s", "peak MB", "speed-up", "outcome"],
+                          [[r["subject"]["model"], r["protocol"].get("train_config"),
+                            ", ".join(r["protocol"].get("train_hooks") or []), r["protocol"].get("precision"),
+                            _num(r["metrics"].get("steps_per_s")), _num(r["metrics"].get("peak_memory_mb")),
+                            _num(r["metrics"].get("speedup")), (r.get("extra") or {}).get("outcome", "ok")]
+                           for r in train_rows]), ""]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

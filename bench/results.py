@@ -26,6 +26,7 @@ METRIC_UNITS = {
     "s_per_image": "s", "images_per_s": "1/s", "latency_s": "s", "steps_per_s": "1/s",
     "peak_memory_mb": "MB", "reserved_memory_mb": "MB", "params": "", "trainable_params": "",
     "gmacs": "GMAC", "gflops": "GFLOP", "mfu": "", "joules_per_image": "J", "speedup": "x",
+    "speedup_vs_official": "x",
 }
 
 
@@ -109,12 +110,16 @@ def load(path: str | os.PathLike) -> dict:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; a copy without .git (a wheel, a machine the tree was copied to) may name it in
+    DIT_BENCH_GIT_COMMIT."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("DIT_BENCH_GIT_COMMIT") or None
 
 
 def _version(module: str) -> str | None:

@@ -32,6 +32,7 @@ import gc
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -99,7 +100,9 @@ class SpeedConfig:
     vae_batch: int = 32
     attention: str | None = None
     compile: bool | None = None
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    # Inductor's default: max-autotune benchmarks GEMM configurations again for every batch shape the saturating
+    # search visits (about 11), minutes each; ask for it with --compile-mode when the time is there.
+    compile_mode: str = "default"
     warmup: int | None = None
     repeats: int | None = None
     max_batch: int | None = None
@@ -109,6 +112,7 @@ class SpeedConfig:
     train: bool = False
     train_configs: tuple[str, ...] | None = None
     global_batch_size: int = FAST_DIT_GLOBAL_BATCH
+    official_code: str | None = None  # a checkout of the official repository, timed beside (bench/official.py)
     warnings: list[str] = field(default_factory=list)
 
     def card(self) -> dict:
@@ -200,14 +204,21 @@ def resolve(config: SpeedConfig, device: torch.device) -> SpeedConfig:
     if c.compile and not cuda:
         if c.compile_mode == "reduce-overhead":
             raise SpeedError("compile mode 'reduce-overhead' records CUDA graphs and needs a CUDA device; use "
-                             "--compile-mode max-autotune-no-cudagraphs on this device")
+                             "--compile-mode default on this device")
         c.warnings.append(f"torch.compile on {device.type} builds C++ kernels: minutes of warm-up, and not the "
                           "GPU path the fast protocol is about")
-    if c.compile and c.compile_mode in ("reduce-overhead", "max-autotune") and c.hooks:
-        c.warnings.append("CUDA graphs reuse their output buffers: a sample hook that keeps tensors across steps "
-                          "may fail under them; use --compile-mode max-autotune-no-cudagraphs if it does")
+    if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.hooks:
+        raise SpeedError(f"compile mode {c.compile_mode!r} records CUDA graphs of the whole forward, which sample "
+                         "hooks replace; time hooks with --compile-mode default or max-autotune-no-cudagraphs")
     if "tf32" in c.precisions and not cuda:
         c.warnings.append(f"TF32 exists on CUDA only: on {device.type} 'tf32' runs plain fp32 matmuls")
+    if c.official_code is not None:
+        from bench.official import OfficialCodeError
+
+        if not Path(c.official_code).expanduser().is_dir():
+            raise OfficialCodeError(f"--official-code {c.official_code}: no such folder")
+        if not c.sample:
+            raise SpeedError("--official-code times the official sampler; it needs --sample")
     if c.train and c.train_configs:  # None: every fast-DiT configuration the data allows (run_training)
         c.train_configs = tuple(dict.fromkeys(c.train_configs))
         for name in c.train_configs:
@@ -279,26 +290,41 @@ def attention_context(choice: str):
     return sdpa_kernel(backends)
 
 
-def compile_repeated_blocks(model: nn.Module, mode: str) -> int:
-    """``torch.compile`` each block of the model's block lists in place (regional compilation).
+# Compile modes that record CUDA graphs. A graph's outputs live until its next replay, so one graph per block
+# would overwrite block i's output while block i+1 reads it (pytorch#152887): these compile the whole forward.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
-    The blocks share one code object, so they share one compiled graph per input shape; and a sample hook
-    that runs a slice of the blocks (``run_blocks(tokens, c, start, stop)``) runs compiled code too, which a
-    compiled top-level ``forward`` would not give it. Returns how many modules were compiled.
+
+def compile_model(model: nn.Module, mode: str) -> str:
+    """``torch.compile`` the model in place for ``mode``; returns what was compiled, for the run's notes.
+
+    Without CUDA graphs each block of the model's block lists is compiled (regional compilation): the blocks
+    share one code object, so they share one compiled graph per input shape, and a sample hook that runs a
+    slice of the blocks (``run_blocks(tokens, c, start, stop)``) runs compiled code too. With CUDA graphs
+    the top-level ``forward`` is the region, one graph per step (resolve() keeps hooks out of that mode).
     """
     import torch._dynamo
 
+    config = torch._dynamo.config
+    # One graph per batch shape and autocast dtype: the saturating-batch search alone visits about 11, EDT's
+    # stages multiply that. Running out of graphs must fail the row, not silently fall back to eager code.
+    for name, floor in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192),
+                        ("accumulated_cache_size_limit", 8192)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), floor))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name):
+            setattr(config, name, True)
+    if mode in CUDA_GRAPH_MODES:
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)  # forward_with_cfg calls it
+        return "the whole forward (CUDA graphs)"
     lists = [child for child in model.children() if isinstance(child, nn.ModuleList)]
     blocks = [block for blocks in lists for block in blocks]
     if not blocks:  # no repeated blocks: the whole forward is the region
         blocks = [model]
-    # One graph per batch shape; the saturating-batch search visits log2(max_batch) + 1 of them.
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 64))
     for block in blocks:
         block.compile(mode=mode, dynamic=False)
-    return len(blocks)
+    return f"{len(blocks)} repeated blocks"
 
 
 def _release(device: torch.device) -> None:
@@ -451,7 +477,7 @@ def build_setup(model_name: str, config: SpeedConfig, device: torch.device) -> S
     if config.vae != "none":
         from bench.vae import load_vae
 
-        decoder = load_vae(config.vae, device)
+        decoder = load_vae(config.vae, device, allow_random=True)
         downsample, channels = decoder.downsample, decoder.latent_channels
     model, spec, _ = load_denoiser(model_name, None, config.image_size, config.num_classes, device,
                                    latent_downsample=downsample, random_weights=True, in_channels=channels)
@@ -644,6 +670,66 @@ def measure_auto(setup: SamplingSetup, denoiser: Denoiser) -> SampleRow:
     return row
 
 
+# ------------------------------------------------------------------------------------------ the official code
+OFFICIAL_LABEL = "official code"
+OFFICIAL_PRECISION = "tf32"  # DiT's sample.py and sample_ddp.py turn TF32 on; timm's attention is torch's default
+PAPER_TOLERANCE = 0.05  # issue 5: the paper protocol stays within 5% of the official code's time
+
+
+def measure_official_code(setup: SamplingSetup,
+                          say: Callable[[str], None]) -> tuple[list[SampleRow], SamplingSetup]:
+    """The official sampler (``--official-code DIR``) on this setup's device, weights, inputs and batches.
+
+    The official class gets dit-bench's random weights with ``strict=True`` and must give the same forward;
+    it then runs its own diffusion code at its own settings (fp32 with TF32, default attention, no compile,
+    no VAE), under the same timing statistics and batch rules as dit-bench's rows, before those rows run.
+    Returns the rows and the setup they ran under (for their records).
+    """
+    from bench import official
+
+    c = setup.config
+    code = official.load(c.official_code, setup.spec)
+    twin = official.build_twin(code, setup.spec, setup.model_overrides, setup.model)
+    z, y = setup.inputs(2)
+    difference = official.forward_difference(setup.model, twin, z, y)
+    say(f"{setup.spec.name}: the official {code.paths['model']} from {code.folder} takes dit-bench's weights "
+        f"(strict); one fp32 forward agrees to {difference:.1e} of its scale")
+    if difference > official.FORWARD_TOLERANCE:
+        c.warnings.append(f"{setup.spec.name}: dit-bench's forward differs from the official code's by "
+                          f"{difference:.1e} of its scale (tolerance {official.FORWARD_TOLERANCE:.0e})")
+        say(c.warnings[-1])
+    card = {"code": "official", "official_code": {**code.card(), "forward_relative_difference": difference}}
+    denoiser = Denoiser(OFFICIAL_LABEL, None, model_owner(setup.spec.name), twin, card=card)
+    as_official = dataclasses.replace(
+        setup, diffusion=code.create_diffusion(str(c.steps)), decoder=None, precision=OFFICIAL_PRECISION,
+        config=dataclasses.replace(c, attention="default", compile=False, vae="none"))
+    set_precision(OFFICIAL_PRECISION)
+    rows = [measure_auto(as_official, denoiser) if batch == "auto" else measure_fixed(as_official, denoiser, batch)
+            for batch in c.batches]
+    del twin, denoiser.module
+    _release(setup.device)
+    return rows, as_official
+
+
+def matching_official(row: SampleRow, official_rows: list[SampleRow]) -> SampleRow | None:
+    """The official row a dit-bench row is compared with: the same fixed batch, or both saturating."""
+    for off in official_rows:
+        if off.outcome == "ok" and off.batch_policy == row.batch_policy and \
+                (row.batch_policy == "auto" or off.batch_size == row.batch_size):
+            return off
+    return None
+
+
+def check_paper_parity(row: SampleRow, official_row: SampleRow, config: SpeedConfig,
+                       say: Callable[[str], None]) -> None:
+    """The paper protocol exists to time what the official code times: say so when it does not."""
+    off_by = row.metrics["s_per_image"] / official_row.metrics["s_per_image"] - 1
+    if config.protocol == "paper" and abs(off_by) > PAPER_TOLERANCE:
+        message = (f"{row.model} batch {row.batch_size}: the paper protocol's time is {off_by:+.1%} off the "
+                   f"official code's (tolerance ±{PAPER_TOLERANCE:.0%})")
+        row.message = "; ".join(filter(None, (row.message, message)))
+
+
 def finish_metrics(row: SampleRow, setup: SamplingSetup, base_macs: float, forward: int, gpu_name: str | None,
                    baseline: SampleRow | None) -> dict:
     """The row's record metrics (bench/results.py names; extra names carry their unit)."""
@@ -769,14 +855,22 @@ def run_sampling(config: SpeedConfig, device: torch.device, environment: dict, g
             say(f"{model_name} on {device}: this will take about {_duration(estimate)} or more "
                 f"({config.steps} steps, batches {', '.join(map(str, config.batches))}, "
                 f"{config.warmup} warm-up + {config.repeats} timed runs each)")
+        forward = forward_macs(setup)
+        base_macs = forward * setup.rows_per_image * config.steps
+        official_rows: list[SampleRow] = []
+        if config.official_code:
+            official_rows, as_official = measure_official_code(setup, say)
+            for row in official_rows:
+                finish_metrics(row, as_official, base_macs, forward, gpu_name, None)
+                if row.message:
+                    say(f"{model_name} {OFFICIAL_LABEL}: {row.message}")
+                records.append(sample_record(row, None, as_official, gpu_name, environment, config.warnings))
         if config.compile:
-            n = compile_repeated_blocks(setup.model, config.compile_mode)
-            say(f"{model_name}: torch.compile (mode {config.compile_mode}) on {n} repeated blocks; "
+            region = compile_model(setup.model, config.compile_mode)
+            say(f"{model_name}: torch.compile (mode {config.compile_mode}) on {region}; "
                 "compilation happens in the warm-up runs")
         denoisers = build_denoisers(setup)
         attach_ideal_speedups(setup, denoisers, say)
-        forward = forward_macs(setup)
-        base_macs = forward * setup.rows_per_image * config.steps
         for precision in config.precisions:
             set_precision(precision)
             setup.precision = precision
@@ -787,6 +881,10 @@ def run_sampling(config: SpeedConfig, device: torch.device, environment: dict, g
                     if denoiser.hook is None:
                         baseline = row
                     finish_metrics(row, setup, base_macs, forward, gpu_name, baseline if denoiser.hook else None)
+                    off = matching_official(row, official_rows) if denoiser.hook is None else None
+                    if off is not None and row.outcome == "ok":
+                        row.metrics["speedup_vs_official"] = row.metrics["images_per_s"] / off.metrics["images_per_s"]
+                        check_paper_parity(row, off, config, say)
                     if row.message:
                         say(f"{model_name} {denoiser.label} {precision}: {row.message}")
                     records.append(sample_record(row, baseline if denoiser.hook else None, setup, gpu_name,
@@ -843,14 +941,14 @@ def measure_train_config(name: str, model_name: str, config: SpeedConfig, device
     features = hooks.data_mode == "features"
     if features:
         # Latents are extracted once, before training: no VAE in the step, only its latent geometry.
-        encoder, downsample, channels = None, 8, 4  # the SD VAE's (--vae none, ema, mse)
-        if config.vae not in ("none", *VAE_ASSETS):
+        encoder, downsample, channels = None, 8, 4  # the SD VAE's (--vae none, random, ema, mse)
+        if config.vae not in ("none", "random", *VAE_ASSETS):
             folder_vae = _vae(config.vae, device, vae_cache)
             downsample, channels = folder_vae.downsample, folder_vae.latent_channels
     else:
         if config.vae == "none":
             raise SpeedError(f"train configuration {name!r} encodes images with the VAE every step; pass --vae "
-                             "ema|mse|FOLDER, or time --train-config features")
+                             "random|ema|mse|FOLDER, or time --train-config features")
         encoder = _vae(config.vae, device, vae_cache)
         downsample, channels = encoder.downsample, encoder.latent_channels
     if config.image_size % downsample:
@@ -907,7 +1005,7 @@ def _vae(spec: str, device: torch.device, cache: dict):
     from bench.vae import load_vae
 
     if spec not in cache:
-        cache[spec] = load_vae(spec, device)
+        cache[spec] = load_vae(spec, device, allow_random=True)
     return cache[spec]
 
 
@@ -1035,8 +1133,11 @@ def sampling_table(rows: list[dict]):
     table = Table(title=f"Sampling speed, {first['name']} protocol ({first['sampler']}, {first['steps']} steps, "
                         f"cfg {first['cfg_scale']}, attention {first['attention']}"
                         f"{', compiled' if first['compile'] else ''})")
-    columns = ("model", "method", "precision", "batch", "s/img", "img/s", "steps/s", "VAE s/img", "e2e s/img",
-               "peak MB", "MFU", "speedup", "ideal")
+    columns = ["model", "method", "precision", "batch", "s/img", "img/s", "steps/s", "VAE s/img", "e2e s/img",
+               "peak MB", "MFU", "speedup", "ideal"]
+    official = any(r["protocol"].get("code") == "official" for r in rows)
+    if official:
+        columns.append("vs official")
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "method", "precision") else "right")
     for r in rows:
@@ -1045,15 +1146,21 @@ def sampling_table(rows: list[dict]):
         if p["batch_policy"] == "auto":
             batch = f"auto→{batch}"
         method = ", ".join(r["subject"]["hooks"]["sample"]) or "baseline"
+        if p.get("code") == "official":
+            method = OFFICIAL_LABEL
         if x.get("outcome", "ok") != "ok":
-            table.add_row(r["subject"]["model"], method, p["precision"], batch, x["outcome"], *[""] * 8)
+            table.add_row(r["subject"]["model"], method, p["precision"], batch, x["outcome"],
+                          *[""] * (len(columns) - 5))
             continue
+        tail = [_fmt(m.get("speedup_vs_official"), ".3f", none="")] if official else []
         table.add_row(
             r["subject"]["model"], method, p["precision"], batch, _fmt(m.get("s_per_image")),
             _fmt(m.get("images_per_s")), _fmt(m.get("steps_per_s"), ".3g"), _fmt(m.get("vae_decode_s_per_image")),
             _fmt(m.get("end_to_end_s_per_image")), _fmt(m.get("peak_memory_mb"), ".0f"),
-            _fmt(m.get("mfu"), ".1%"), _fmt(m.get("speedup"), ".3f", none="" if method == "baseline" else "-"),
-            _fmt(m.get("ideal_speedup"), ".3f", none="" if method == "baseline" else "-"))
+            _fmt(m.get("mfu"), ".1%"),
+            _fmt(m.get("speedup"), ".3f", none="" if method in ("baseline", OFFICIAL_LABEL) else "-"),
+            _fmt(m.get("ideal_speedup"), ".3f", none="" if method in ("baseline", OFFICIAL_LABEL) else "-"),
+            *tail)
     return table
 
 
@@ -1084,5 +1191,7 @@ def published_comparisons(record: dict) -> list:
     refs = reference.load_all()
     out = []
     for row in all_rows(record):
+        if row["protocol"].get("code") == "official":
+            continue  # the official code's rows are the yardstick of this run, not a result of dit-bench's
         out += [c for c in compare.compare_record(row, refs) if c.reference is not None]
     return out

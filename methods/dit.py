@@ -177,6 +177,9 @@ def dit_macs(kwargs: dict) -> int:
     return kw["depth"] * block + patch_embed + timestep_mlp + final
 
 
+# facebookresearch/DiT: the class in models.py and the factory in diffusion/__init__.py (dit.md §A, §B).
+OFFICIAL_CODE = {"model": "models:DiT", "diffusion": "diffusion:create_diffusion"}
+
 # The official zoo (dit.md §A.1): size -> (depth, hidden_size, num_heads), each with patch 2, 4 and 8.
 _SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 
@@ -193,6 +196,7 @@ def _zoo() -> tuple[ModelSpec, ...]:
                 default_input_size=32,
                 macs=dit_macs,
                 description=f"depth {depth}, hidden {hidden}, {heads} heads, patch {patch}",
+                official_code=OFFICIAL_CODE,
             ))
     return tuple(specs)
 

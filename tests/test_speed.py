@@ -76,7 +76,7 @@ def test_defaults_follow_the_protocol_and_the_device():
     assert (fast_cpu.attention, fast_cpu.compile, fast_cpu.max_batch) == ("default", False, 64)
     fast_gpu = speed.resolve(speed.SpeedConfig(models=(TINY_MODEL,)), cuda)
     assert (fast_gpu.attention, fast_gpu.compile) == ("fused", True)
-    assert fast_gpu.compile_mode == "max-autotune-no-cudagraphs"
+    assert fast_gpu.compile_mode == "default"  # autotuning every batch shape would cost minutes per shape
     assert (fast_gpu.precisions, fast_gpu.warmup, fast_gpu.repeats, fast_gpu.max_batch) == (("bf16",), 2, 5, 1024)
     assert speed.parse_batches(["1", "auto", "8", "1"]) == (1, "auto", 8)
 
@@ -86,14 +86,17 @@ def test_defaults_follow_the_protocol_and_the_device():
     (dict(protocol="paper", compile=True), "official, uncompiled code"),
     (dict(protocol="paper", attention="fused"), "official attention"),
     (dict(compile=True, compile_mode="reduce-overhead"), "needs a CUDA device"),
+    (dict(compile=True, compile_mode="max-autotune", hooks=("fasterdiffusion",), device="cuda"),
+     "CUDA graphs of the whole forward"),
     (dict(attention="cudnn"), "is a CUDA kernel"),
     (dict(batches=("0",)), "positive integer or 'auto'"),
     (dict(train=True, train_configs=("fastest",)), "--train-config 'fastest'"),
     (dict(models=("DiT-XXL/2",)), "unknown model"),
 ])
 def test_requests_a_protocol_forbids_are_refused_with_the_reason(change, message):
+    device = torch.device(change.pop("device", "cpu"))
     with pytest.raises(UserError, match=message):
-        speed.resolve(speed.SpeedConfig(**{"models": (TINY_MODEL,), **change}), torch.device("cpu"))
+        speed.resolve(speed.SpeedConfig(**{"models": (TINY_MODEL,), **change}), device)
 
 
 def test_a_refusal_is_one_line_and_a_nonzero_exit(cli_runner):
@@ -186,6 +189,22 @@ def test_vae_decode_and_end_to_end_are_timed_apart_from_the_loop(cli_runner, tmp
     assert decodes == [2, 1] * 6
     # Loops: 1 + 2 for the loop timing, then 1 + 2 inside end to end.
     assert loop_calls == [(6, None)] * 6
+
+
+def test_vae_random_is_the_sd_vae_architecture_and_only_speed_may_use_it(cli_runner):
+    """A GPU machine cannot download the SD VAE; its architecture at random weights decodes as fast."""
+    from bench.vae import load_vae
+
+    decoder = load_vae("random", allow_random=True)
+    assert sum(p.numel() for p in decoder.parameters()) == 83_653_863  # sd-vae-ft-ema / -mse
+    assert (decoder.downsample, decoder.latent_channels) == (8, 4)
+    with pytest.raises(UserError, match="for `dit-bench speed` only"):
+        load_vae("random")
+    result = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--vae", "random", "--steps", "2", "--batch", "1",
+                    "--warmup", "0", "--repeats", "1", "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["extra"]["rows"]
+    assert row["protocol"]["vae"] == "random" and row["metrics"]["vae_decode_s_per_image"] > 0
 
 
 def test_auto_batch_steps_down_on_out_of_memory_and_says_so(cli_runner, monkeypatch):
@@ -312,22 +331,37 @@ def test_compiling_the_repeated_blocks_keeps_the_outputs():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([1, 10])
     with torch.no_grad():
         eager = model(x, t, y)
-        assert speed.compile_repeated_blocks(model, "max-autotune-no-cudagraphs") == len(model.blocks)
+        assert speed.compile_model(model, "default") == f"{len(model.blocks)} repeated blocks"
         assert all(block._compiled_call_impl is not None for block in model.blocks)
         compiled = model(x, t, y)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    # Running out of graphs must fail, not fall back to eager code inside a row labelled compiled.
+    import torch._dynamo as dynamo
+
+    assert dynamo.config.recompile_limit >= 512 and dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_cuda_graph_modes_compile_the_whole_forward_once(monkeypatch):
+    """One CUDA graph per block would overwrite block i's output while block i+1 reads it."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn, kw["mode"])) or fn)
+    model = tiny_dit().eval()
+    forward = model.forward
+    assert speed.compile_model(model, "reduce-overhead") == "the whole forward (CUDA graphs)"
+    assert calls == [(forward, "reduce-overhead")] and "forward" in vars(model)
+    assert all(block._compiled_call_impl is None for block in model.blocks)
 
 
 def test_compile_flag_reaches_the_model_and_the_record(cli_runner, monkeypatch):
     compiled = []
-    monkeypatch.setattr(speed, "compile_repeated_blocks", lambda model, mode: compiled.append(mode) or 2)
+    monkeypatch.setattr(speed, "compile_model", lambda model, mode: compiled.append(mode) or "2 repeated blocks")
     result = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--steps", "2", "--batch", "1", "--repeats", "1",
                     "--warmup", "0", "--compile", "--json")
     assert result.exit_code == 0, result.output
-    assert compiled == ["max-autotune-no-cudagraphs"]
+    assert compiled == ["default"]
     assert "builds C++ kernels" in result.stderr  # compiling on a CPU is allowed, and said to be slow
     (row,) = json.loads(result.stdout)["extra"]["rows"]
-    assert (row["protocol"]["compile"], row["protocol"]["compile_mode"]) == (True, "max-autotune-no-cudagraphs")
+    assert (row["protocol"]["compile"], row["protocol"]["compile_mode"]) == (True, "default")
 
 
 @pytest.mark.parametrize("choice", ["default", "fused", "flash", "math"])
@@ -428,3 +462,15 @@ def test_training_without_a_vae_times_the_feature_configurations_only(cli_runner
 
     named = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--no-sample", "--train", "--train-config", "ckpt")
     assert named.exit_code != 0 and "encodes images with the VAE every step" in str(named.exception)
+
+
+def test_a_copy_without_git_names_its_commit_through_the_environment(monkeypatch):
+    """A GPU machine gets a copy of the tree without .git: the record's commit then comes from the caller."""
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(results.subprocess, "run", no_git)
+    monkeypatch.delenv("DIT_BENCH_GIT_COMMIT", raising=False)
+    assert results.capture_environment()["git_commit"] is None
+    monkeypatch.setenv("DIT_BENCH_GIT_COMMIT", "abc123")
+    assert results.capture_environment()["git_commit"] == "abc123"

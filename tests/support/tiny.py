@@ -17,12 +17,13 @@ TINY_DEEP_CONFIG = dict(patch_size=2, hidden_size=32, depth=28, num_heads=2, num
 
 
 def register_tiny_method() -> plugins.Method:
-    from methods.dit import DiT, dit_macs
+    from methods.dit import OFFICIAL_CODE, DiT, dit_macs
 
     existing = plugins.methods().get("tiny-test")
     if existing is not None:
         return existing
-    specs = tuple(plugins.ModelSpec(name, DiT, config, family="DiT", default_input_size=8, macs=dit_macs)
+    specs = tuple(plugins.ModelSpec(name, DiT, config, family="DiT", default_input_size=8, macs=dit_macs,
+                                    official_code=OFFICIAL_CODE)
                   for name, config in ((TINY_MODEL, TINY_CONFIG), (TINY_DEEP_MODEL, TINY_DEEP_CONFIG)))
     return plugins.register(plugins.Method(name="tiny-test", title="Tiny DiTs for tests", models=specs))
 
