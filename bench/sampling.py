@@ -240,11 +240,16 @@ def generate(parts: SamplerParts, protocol: SamplingProtocol, indices: Sequence[
         model_fn, model_kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": protocol.cfg_scale}
     else:
         model_fn, model_kwargs = model.forward, {"y": y}
-    loop = parts.diffusion.p_sample_loop if protocol.sampler == "ddpm" else parts.diffusion.ddim_sample_loop
-    extra = {"eta": protocol.eta} if protocol.sampler == "ddim" else {}
+    own_loop = getattr(model, "sample_loop", None)
     with autocast_context(protocol.precision, device):
-        latents = loop(model_fn, z.shape, noise=z, clip_denoised=False, model_kwargs=model_kwargs,
-                       device=device, progress=False, noise_fn=noise.step, **extra)
+        if own_loop is not None:  # a hook that replaces the DDPM loop itself (build_parts checked the sampler)
+            latents = own_loop(parts.diffusion, z.shape, noise=z, model_kwargs=model_kwargs, noise_fn=noise.step,
+                               clip_denoised=False, device=device)
+        else:
+            loop = parts.diffusion.p_sample_loop if protocol.sampler == "ddpm" else parts.diffusion.ddim_sample_loop
+            extra = {"eta": protocol.eta} if protocol.sampler == "ddim" else {}
+            latents = loop(model_fn, z.shape, noise=z, clip_denoised=False, model_kwargs=model_kwargs,
+                           device=device, progress=False, noise_fn=noise.step, **extra)
     latents = latents[: len(indices)].float()
     bad = ~torch.isfinite(latents).flatten(1).all(dim=1)
     if bad.any():
@@ -392,9 +397,14 @@ def build_parts(protocol: SamplingProtocol, device: torch.device) -> tuple[Sampl
     denoiser = model
     for name in protocol.sample_hooks:
         # The sample-hook contract: factory(model, num_steps=..., **options) -> an object with
-        # forward / forward_with_cfg (and optionally reset(), called before every batch).
+        # forward / forward_with_cfg, optionally reset() (called before every batch), and optionally
+        # sample_loop(diffusion, shape, *, noise, model_kwargs, noise_fn, clip_denoised, device), a DDPM
+        # loop of its own that then replaces p_sample_loop (FasterDiffusion's parallel mode).
         factory = plugins.get_hook("sample_hooks", name, spec.family)
         denoiser = factory(denoiser, num_steps=diffusion.num_timesteps, **protocol.hook_options.get(name, {}))
+        if getattr(denoiser, "sample_loop", None) is not None and protocol.sampler != "ddpm":
+            raise SamplingError(f"sample hook {name!r} with these options runs its own DDPM loop; "
+                                f"use --sampler ddpm, not {protocol.sampler}")
     latent = protocol.image_size // decoder.downsample
     parts = SamplerParts(denoiser, diffusion, decoder, (decoder.latent_channels, latent, latent),
                          null_class=protocol.num_classes)

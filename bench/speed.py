@@ -349,6 +349,12 @@ def sample_loop(denoiser, diffusion, z: torch.Tensor, y: torch.Tensor, cfg_scale
     else:
         fn, kwargs = denoiser.forward, {"y": y}
     shape = tuple(z.shape)
+    own_loop = getattr(denoiser, "sample_loop", None)  # a hook that replaces the DDPM loop (bench/sampling.py)
+    if own_loop is not None:
+        if sampler != "ddpm" or max_steps is not None:
+            raise SpeedError("a sample hook with its own loop times whole DDPM loops only: use --sampler ddpm "
+                             "and fixed batches (the auto search times partial loops)")
+        return own_loop(diffusion, shape, noise=z, model_kwargs=kwargs, clip_denoised=False, device=z.device)
     if max_steps is None:
         loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
         return loop(fn, shape, noise=z, clip_denoised=False, model_kwargs=kwargs, device=z.device, progress=False)
@@ -870,6 +876,10 @@ def run_sampling(config: SpeedConfig, device: torch.device, environment: dict, g
             say(f"{model_name}: torch.compile (mode {config.compile_mode}) on {region}; "
                 "compilation happens in the warm-up runs")
         denoisers = build_denoisers(setup)
+        own_loops = [d.label for d in denoisers if getattr(d.module, "sample_loop", None) is not None]
+        if own_loops and ("auto" in config.batches or config.sampler != "ddpm"):
+            raise SpeedError(f"sample hook {own_loops[0]!r} runs its own DDPM loop, which is timed whole: use "
+                             "--sampler ddpm and fixed batches (the auto search times partial loops)")
         attach_ideal_speedups(setup, denoisers, say)
         for precision in config.precisions:
             set_precision(precision)

@@ -155,10 +155,18 @@ class FasterDiffusion(nn.Module):
     ``blocks`` (DiT-XL and DiT-L alike).
     """
 
+    MODES = ("sequential", "parallel")
+
     def __init__(self, model: nn.Module, key_steps="speed", num_steps: int = 250,
-                 encoder_depth: int | None = None):
+                 encoder_depth: int | None = None, mode: str = "sequential"):
         super().__init__()
         self.model = model
+        self.mode = str(mode).strip().lower()
+        if self.mode not in self.MODES:
+            raise UserError(f"fasterdiffusion mode {mode!r}: use sequential or parallel")
+        if self.mode == "parallel":
+            # The harness's sample-hook contract: a hook with its own sample_loop replaces the DDPM loop.
+            self.sample_loop = self._parallel_loop
         self.depth = len(model.blocks)
         self.encoder_depth = default_encoder_depth(self.depth) if encoder_depth is None else int(encoder_depth)
         if not 1 <= self.encoder_depth < self.depth:
@@ -178,7 +186,15 @@ class FasterDiffusion(nn.Module):
     def protocol_card(self) -> dict:
         """This hook's settings in reference_results' vocabulary, for result records."""
         names = {"speed": "speed-rule", "fid": "fid-list", "all": "all"}
-        return {"key_steps": names.get(self.rule, self.rule), "encoder_depth": self.encoder_depth}
+        return {"key_steps": names.get(self.rule, self.rule), "encoder_depth": self.encoder_depth,
+                "fasterdiffusion_mode": self.mode}
+
+    def _parallel_loop(self, diffusion, shape, *, noise=None, model_kwargs=None, noise_fn=None,
+                       clip_denoised: bool = False, device=None) -> torch.Tensor:
+        """Parallel mode (§6) in the harness's loop signature: the sequential images, fewer larger batches."""
+        self.reset()
+        return parallel_sample_loop(diffusion, self, shape, noise=noise, model_kwargs=model_kwargs,
+                                    noise_fn=noise_fn, clip_denoised=clip_denoised, device=device)
 
     def reset(self) -> None:
         """Start a new sampling run: the next call is step 0."""

@@ -370,7 +370,54 @@ def test_the_hook_declares_its_flop_bound_and_protocol():
     model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=28, num_heads=2, num_classes=10)
     speed = FasterDiffusion(model, key_steps="speed", num_steps=250)
     assert round(speed.ideal_speedup(), 3) == 1.544
-    assert speed.protocol_card() == {"key_steps": "speed-rule", "encoder_depth": 18}
+    assert speed.protocol_card() == {"key_steps": "speed-rule", "encoder_depth": 18,
+                                     "fasterdiffusion_mode": "sequential"}
     fid = FasterDiffusion(model, key_steps="fid", num_steps=250)
     assert round(fid.ideal_speedup(), 3) == 1.239 and fid.protocol_card()["key_steps"] == "fid-list"
     assert FasterDiffusion(model, key_steps="all").ideal_speedup() == 1.0
+
+
+def test_parallel_mode_through_the_sampling_harness_gives_the_sequential_images(tmp_path, monkeypatch):
+    """`dit-bench sample --hook fasterdiffusion --hook-option fasterdiffusion.mode=parallel`."""
+    import numpy as np
+
+    import methods.fasterdiffusion as fd
+    from bench import sampling
+    from tests.support.tiny import TINY_DEEP_MODEL, register_tiny_method, save_training_checkpoint, tiny_vae_folder
+
+    register_tiny_method()
+    ckpt = save_training_checkpoint(tmp_path / "deep.pt", tiny_dit(), TINY_DEEP_MODEL)
+    vae = tiny_vae_folder(tmp_path / "vae")
+    parallel_calls = []
+    real = fd.parallel_sample_loop
+    monkeypatch.setattr(fd, "parallel_sample_loop", lambda *a, **k: parallel_calls.append(a[2]) or real(*a, **k))
+    images, cards = {}, {}
+    for mode in ("sequential", "parallel"):
+        protocol = sampling.SamplingProtocol(
+            model=TINY_DEEP_MODEL, image_size=16, num_samples=4, checkpoint=str(ckpt), num_classes=NUM_CLASSES,
+            steps="20", cfg_scale=1.5, seed=3, vae=str(vae), sample_hooks=("fasterdiffusion",),
+            hook_options={"fasterdiffusion": {"key_steps": "speed", "mode": mode}})
+        parts, _ = sampling.build_parts(protocol, torch.device("cpu"))
+        cards[mode] = parts.model.protocol_card()["fasterdiffusion_mode"]
+        sampling.run(parts, protocol, tmp_path / mode, 2, torch.device("cpu"), progress=False, environment={})
+        with np.load(tmp_path / mode / sampling.SAMPLES_FILE) as f:
+            images[mode] = f["arr_0"].astype(int)
+    assert cards == {"sequential": "sequential", "parallel": "parallel"}
+    assert parallel_calls == [(4, 4, 8, 8)] * 2  # two batches of 2 images, guided: 4 rows each
+    assert np.abs(images["parallel"] - images["sequential"]).max() <= 1  # uint8 rounding of float noise
+    assert (images["parallel"] == images["sequential"]).mean() > 0.99
+
+
+def test_parallel_mode_refuses_ddim_and_unknown_modes(tmp_path):
+    from bench import sampling
+    from tests.support.tiny import TINY_DEEP_MODEL, register_tiny_method
+
+    register_tiny_method()
+    with pytest.raises(UserError, match="mode 'fast'"):
+        FasterDiffusion(tiny_dit(), mode="fast")
+    protocol = sampling.SamplingProtocol(
+        model=TINY_DEEP_MODEL, image_size=8, num_samples=2, num_classes=NUM_CLASSES, steps="ddim10",
+        sampler="ddim", vae="identity", random_weights=True, sample_hooks=("fasterdiffusion",),
+        hook_options={"fasterdiffusion": {"mode": "parallel"}})
+    with pytest.raises(UserError, match="use --sampler ddpm"):
+        sampling.build_parts(protocol, torch.device("cpu"))

@@ -474,3 +474,21 @@ def test_a_copy_without_git_names_its_commit_through_the_environment(monkeypatch
     assert results.capture_environment()["git_commit"] is None
     monkeypatch.setenv("DIT_BENCH_GIT_COMMIT", "abc123")
     assert results.capture_environment()["git_commit"] == "abc123"
+
+
+def test_a_hook_with_its_own_loop_is_timed_whole_and_refuses_the_partial_loop_search(cli_runner, loop_calls,
+                                                                                    monkeypatch):
+    """FasterDiffusion's parallel mode replaces the DDPM loop: its rows time that loop, fixed batches only."""
+    parallel = []
+    real = fd.parallel_sample_loop
+    monkeypatch.setattr(fd, "parallel_sample_loop", lambda *a, **k: parallel.append(a[2]) or real(*a, **k))
+    result = invoke(cli_runner, "--model", DEEP, "--hook", "fasterdiffusion", "--hook-option",
+                    "fasterdiffusion.mode=parallel", *TINY, "--steps", "5", "--batch", "2", "--warmup", "0",
+                    "--repeats", "1", "--json")
+    assert result.exit_code == 0, result.output
+    baseline, hooked = json.loads(result.stdout)["extra"]["rows"]
+    assert hooked["protocol"]["fasterdiffusion_mode"] == "parallel" and hooked["metrics"]["speedup"] > 0
+    assert loop_calls == [(4, None), (4, None)] and parallel == [(4, 4, 8, 8)]  # one timed loop each
+    refused = invoke(cli_runner, "--model", DEEP, "--hook", "fasterdiffusion", "--hook-option",
+                     "fasterdiffusion.mode=parallel", *TINY, "--steps", "5", "--batch", "auto")
+    assert isinstance(refused.exception, UserError) and "runs its own DDPM loop" in str(refused.exception)
