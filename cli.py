@@ -469,8 +469,8 @@ def speed_cmd(
     sample_: bool = typer.Option(True, "--sample/--no-sample", help="Time sampling."),
     train: bool = typer.Option(False, "--train/--no-train", help="Also time training steps."),
     train_config: list[str] = typer.Option(None, "--train-config", help="plain | ckpt | amp | features | all | "
-                                           "no-tf32 (fast-DiT's scripts) or hooks joined by '+'. Default: all that "
-                                           "the --vae allows."),
+                                           "no-tf32 (fast-DiT's scripts), fast (bf16, compiled) or hooks joined "
+                                           "by '+'. Default: all that the --vae allows."),
     global_batch_size: int = typer.Option(128, help="Training batch (fast-DiT's table: 128)."),
     gpu: str = typer.Option(None, "--gpu", help="The GPU the published numbers were measured on, e.g. A100."),
     official_code: Path = typer.Option(None, "--official-code", help="A checkout of the model's official "

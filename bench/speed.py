@@ -72,7 +72,11 @@ TRAIN_CONFIGS = {
     "features": ("grad-ckpt", "features", "tf32"),  # train_features.py: pre-extracted VAE latents
     "all": ("grad-ckpt", "amp-fp16", "features", "tf32"),  # train.py
     "no-tf32": ("grad-ckpt", "no-tf32"),  # train_tf32_disabled.py
+    # Not fast-DiT's: dit-bench's fast protocol for training. bf16 autocast on pre-extracted latents, no
+    # checkpointing; measure_train_config adds the run's torch.compile of the blocks and attention kernels.
+    "fast": ("amp-bf16", "features", "tf32"),
 }
+FAST_TRAIN_CONFIG = "fast"
 FAST_DIT_GLOBAL_BATCH = 128  # the README table's batch (dit.md §D.3)
 
 
@@ -926,6 +930,13 @@ class TrainRow:
     method: str = ""
     data: str = ""
     metrics: dict = field(default_factory=dict)
+    compiled: bool = False
+    attention: str = "default"
+
+
+def train_compile_mode(mode: str) -> str:
+    """CUDA graphs hold one step's buffers until the next replay, and backward needs them: no graphs here."""
+    return "default" if mode in CUDA_GRAPH_MODES else mode
 
 
 def measure_train_config(name: str, model_name: str, config: SpeedConfig, device: torch.device,
@@ -945,6 +956,8 @@ def measure_train_config(name: str, model_name: str, config: SpeedConfig, device
 
     hook_names = train_hook_names(name)
     row = TrainRow(name, hook_names)
+    if name == FAST_TRAIN_CONFIG:  # fast-DiT's own configurations run as their scripts do: eager, default SDPA
+        row.compiled, row.attention = bool(config.compile), config.attention
     spec = plugins.get_model(model_name)
     diffusion = create_diffusion("", learn_sigma=spec.kwargs().get("learn_sigma", True))
     hooks = training.TrainHooks.compose(hook_names, spec.family, diffusion, {})
@@ -986,6 +999,8 @@ def measure_train_config(name: str, model_name: str, config: SpeedConfig, device
             model = spec.build(input_size=latent, num_classes=config.num_classes, in_channels=channels)
         ema = training.make_ema(model).to(device)
         model = model.to(device).train()
+        if row.compiled:
+            compile_model(model, train_compile_mode(config.compile_mode))
         wrapped = hooks.wrap_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
         scaler = hooks.grad_scaler(device)
@@ -997,8 +1012,11 @@ def measure_train_config(name: str, model_name: str, config: SpeedConfig, device
         x, y = x.to(device), y.to(device)
         steps = itertools.count()
         peak = PeakMemory(device)
-        row.stats = measure(lambda: training.train_step(run, next(steps), x, y), warmup=config.warmup,
-                            repeats=config.repeats, device=device, during=(peak,))
+        def step():
+            with attention_context(row.attention):
+                training.train_step(run, next(steps), x, y)
+
+        row.stats = measure(step, warmup=config.warmup, repeats=config.repeats, device=device, during=(peak,))
         row.memory = peak.to_dict()
     except Exception as exc:  # noqa: BLE001 - out of memory is a result (fast-DiT's first row is one)
         if not is_out_of_memory(exc):
@@ -1029,6 +1047,8 @@ def train_record(row: TrainRow, baseline: TrainRow | None, model_name: str, conf
         "name": config.protocol, "global_batch_size": config.global_batch_size, "precision": row.precision,
         "num_gpus": 1 if device.type == "cuda" else 0, "device_type": device.type, "gpu": gpu_name,
         "reference_gpu": config.reference_gpu, "train_config": row.config_name, "train_hooks": list(row.hooks),
+        "compile": row.compiled, "compile_mode": train_compile_mode(config.compile_mode) if row.compiled else None,
+        "attention": row.attention,
         "vae": config.vae, "data": row.data, "random_weights": True,
         "timed": "one optimiser step: VAE encode (image configurations), forward + DiT's loss, backward, AdamW, "
                  "EMA; data loading excluded",

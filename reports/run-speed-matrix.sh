@@ -34,8 +34,8 @@ for stage in $stages; do
     # Throughput at the saturating batch: each full loop there is long, so 1 warm-up and 2 timed loops.
     fast-auto) dit speed "${common[@]}" "${fast[@]}" --batch auto --warmup 1 --repeats 2 "${beside[@]}" \
                  --out "$out/fast-auto.json" ;;
-    # fast-DiT's six configurations (plain, ckpt, amp, features, all, no-tf32); plain is out of memory on
-    # an 80 GB A100 at 128, and says so as a row.
+    # fast-DiT's six configurations (plain, ckpt, amp, features, all, no-tf32; plain is out of memory on an
+    # 80 GB A100 at 128, and says so as a row), then dit-bench's fast one (bf16, compiled, fused attention).
     train) dit speed --model "$model" --image-size "${IMAGE_SIZE:-256}" --no-sample --train --vae "${VAE:-random}" \
              --global-batch-size "${GLOBAL_BATCH:-128}" --out "$out/train.json" ;;
     *) echo "unknown stage $stage (paper, fast-fixed, fast-auto, train)" >&2; exit 2 ;;

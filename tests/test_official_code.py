@@ -231,8 +231,9 @@ def test_the_gpu_speed_matrix_script_runs_every_stage_end_to_end(tmp_path):
     assert records["paper"]["protocol"]["name"] == "paper"
     assert [r["protocol"]["batch_policy"] for r in records["fast-auto"]["extra"]["rows"]] == ["auto", "auto"]
     assert [r["protocol"]["batch_size"] for r in records["fast-fixed"]["extra"]["rows"]] == [1, 8, 1, 8]
-    # without a VAE only the pre-extracted-feature configurations run: features and all
-    assert [r["protocol"]["train_config"] for r in records["train"]["extra"]["train_rows"]] == ["features", "all"]
+    # without a VAE only the pre-extracted-feature configurations run: features, all and dit-bench's fast
+    assert [r["protocol"]["train_config"] for r in records["train"]["extra"]["train_rows"]] == ["features", "all",
+                                                                                               "fast"]
     markdown = (out / "report.md").read_text()
     for name in ("paper", "fast-fixed", "fast-auto"):
         assert f"## Sampling speed: `{name}.json`" in markdown

@@ -456,8 +456,10 @@ def test_training_without_a_vae_times_the_feature_configurations_only(cli_runner
                     "--warmup", "0", "--repeats", "1", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["extra"]["train_rows"]
-    assert [r["protocol"]["train_config"] for r in rows] == ["features", "all"]
+    assert [r["protocol"]["train_config"] for r in rows] == ["features", "all", "fast"]
     assert rows[1]["protocol"]["precision"] == "fp16" and rows[1]["baseline"]["protocol"]["train_config"] == "features"
+    assert rows[2]["protocol"]["precision"] == "bf16" and rows[2]["protocol"]["train_hooks"] == ["amp-bf16", "features",
+                                                                                                 "tf32"]
     assert "skipped train configuration 'plain'" in result.stderr
 
     named = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--no-sample", "--train", "--train-config", "ckpt")
@@ -492,3 +494,27 @@ def test_a_hook_with_its_own_loop_is_timed_whole_and_refuses_the_partial_loop_se
     refused = invoke(cli_runner, "--model", DEEP, "--hook", "fasterdiffusion", "--hook-option",
                      "fasterdiffusion.mode=parallel", *TINY, "--steps", "5", "--batch", "auto")
     assert isinstance(refused.exception, UserError) and "runs its own DDPM loop" in str(refused.exception)
+
+
+def test_the_fast_training_configuration_alone_takes_the_run_s_compile_and_attention(cli_runner, monkeypatch):
+    """fast-DiT's configurations run as their scripts do (eager); dit-bench's own 'fast' one is compiled."""
+    compiled = []
+    monkeypatch.setattr(speed, "compile_model", lambda model, mode: compiled.append(mode) or "blocks")
+    kernels = []
+    real_context = speed.attention_context
+    monkeypatch.setattr(speed, "attention_context", lambda choice: kernels.append(choice) or real_context(choice))
+    result = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--no-sample", "--train", "--train-config", "features",
+                    "--train-config", "fast", "--global-batch-size", "2", "--warmup", "0", "--repeats", "1",
+                    "--compile", "--compile-mode", "reduce-overhead", "--attention", "math", "--json")
+    # reduce-overhead needs CUDA for sampling, so on a CPU it is refused before anything runs
+    assert isinstance(result.exception, UserError) and "needs a CUDA device" in str(result.exception)
+    result = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--no-sample", "--train", "--train-config", "features",
+                    "--train-config", "fast", "--global-batch-size", "2", "--warmup", "0", "--repeats", "1",
+                    "--compile", "--attention", "math", "--json")
+    assert result.exit_code == 0, result.output
+    features, fast = json.loads(result.stdout)["extra"]["train_rows"]
+    assert compiled == ["default"] and kernels == ["default", "math"]
+    assert (features["protocol"]["compile"], features["protocol"]["attention"]) == (False, "default")
+    assert (fast["protocol"]["compile"], fast["protocol"]["compile_mode"], fast["protocol"]["attention"]) == \
+        (True, "default", "math")
+    assert speed.train_compile_mode("reduce-overhead") == "default"  # backward needs the step's buffers
