@@ -208,6 +208,10 @@ def sample(
     hook: list[str] = typer.Option([], help="Sample hook(s), e.g. fasterdiffusion."),
     hook_option: list[str] = typer.Option([], help="HOOK.KEY=VALUE, e.g. fasterdiffusion.key_steps=fid."),
     random_weights: bool = typer.Option(False, help="Random weights (speed runs only)."),
+    attention: str = typer.Option("default", help="SDPA kernels: default | fused | flash | cudnn | efficient | "
+                                  "math | explicit (cudnn, efficient: CUDA only)."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the repeated blocks "
+                                  "(the fast path; the images change in the last bits, so it is part of the run)."),
     out: Path = typer.Option(None, help="Run directory (shards, manifest, samples.npz)."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -225,7 +229,8 @@ def sample(
         model=model, image_size=image_size, num_samples=num_samples, checkpoint=ckpt, checkpoint_sha256=ckpt_sha,
         num_classes=num_classes, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale, label_policy=labels,
         seed=seed, precision=precision, vae=vae, sample_hooks=tuple(hook), device_type=dev.type,
-        random_weights=random_weights, hook_options=parse_hook_options(hook_option, hook))
+        random_weights=random_weights, hook_options=parse_hook_options(hook_option, hook), attention=attention,
+        compile=compile_)
     out = out or Path("samples") / (f"{model.replace('/', '-')}-size-{image_size}-cfg-{cfg_scale}-seed-{seed}"
                                     f"-{protocol.fingerprint()[:8]}")
     parts, _ = sampling.build_parts(protocol, dev)

@@ -68,6 +68,10 @@ class SamplingProtocol:
     hook_options: dict = field(default_factory=dict)
     device_type: str = "cpu"  # CPU and CUDA kernels differ in the last bits: never mixed in one file
     random_weights: bool = False
+    # The fast path (bench/speed.py's): SDPA kernel choice and torch.compile of the repeated blocks. Both
+    # change the last bits of the images, so they are part of the run's identity when not at the default.
+    attention: str = "default"
+    compile: bool = False
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -80,10 +84,23 @@ class SamplingProtocol:
             raise SamplingError("the number of samples must be at least 1")
         if self.label_policy not in seeding.LABEL_POLICIES:
             raise SamplingError(f"label policy {self.label_policy!r} is not one of {', '.join(seeding.LABEL_POLICIES)}")
+        from bench.speed import ATTENTION_CHOICES, CUDA_ONLY_ATTENTION
+
+        if self.attention not in ATTENTION_CHOICES:
+            raise SamplingError(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if self.attention in CUDA_ONLY_ATTENTION and self.device_type != "cuda":
+            raise SamplingError(f"attention {self.attention!r} is a CUDA kernel; on {self.device_type} use default, "
+                                "flash, math or explicit")
+
+    # Fields added after runs existed: left out of the card at their defaults, so those runs keep their identity.
+    _OMITTED_AT_DEFAULT = {"attention": "default", "compile": False}
 
     def card(self) -> dict:
         out = dataclasses.asdict(self)
         out["sample_hooks"] = list(self.sample_hooks)
+        for key, default in self._OMITTED_AT_DEFAULT.items():
+            if out[key] == default:
+                del out[key]
         return out
 
     def identity(self) -> dict:
@@ -241,7 +258,9 @@ def generate(parts: SamplerParts, protocol: SamplingProtocol, indices: Sequence[
     else:
         model_fn, model_kwargs = model.forward, {"y": y}
     own_loop = getattr(model, "sample_loop", None)
-    with autocast_context(protocol.precision, device):
+    from bench.speed import attention_context
+
+    with autocast_context(protocol.precision, device), attention_context(protocol.attention):
         if own_loop is not None:  # a hook that replaces the DDPM loop itself (build_parts checked the sampler)
             latents = own_loop(parts.diffusion, z.shape, noise=z, model_kwargs=model_kwargs, noise_fn=noise.step,
                                clip_denoised=False, device=device)
@@ -394,6 +413,10 @@ def build_parts(protocol: SamplingProtocol, device: torch.device) -> tuple[Sampl
         raise SamplingError(f"checkpoint sha256 {info['sha256'][:12]}… differs from the protocol's "
                             f"{protocol.checkpoint_sha256[:12]}…")
     diffusion = create_diffusion(protocol.steps, learn_sigma=getattr(model, "learn_sigma", True))
+    if protocol.compile:
+        from bench.speed import compile_model
+
+        compile_model(model, "default")  # regional: hooks that run a slice of the blocks run compiled code too
     denoiser = model
     for name in protocol.sample_hooks:
         # The sample-hook contract: factory(model, num_steps=..., **options) -> an object with

@@ -48,6 +48,7 @@ SAMPLERS = ("ddpm", "ddim")
 # "default": whatever torch picks (the official code's timm Attention calls SDPA the same way);
 # "fused": flash, cuDNN or memory-efficient kernels only; "explicit": two visible matmuls (old timm).
 ATTENTION_CHOICES = ("default", "fused", "flash", "cudnn", "efficient", "math", "explicit")
+CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # DiT's sample.py and FasterDiffusion's timing script sample these 8 labels (dit.md §C.1, fasterdiffusion.md §8)
@@ -174,7 +175,7 @@ def resolve(config: SpeedConfig, device: torch.device) -> SpeedConfig:
         c.attention = "fused" if (cuda and not paper) else "default"
     if c.attention not in ATTENTION_CHOICES:
         raise SpeedError(f"--attention {c.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}")
-    if c.attention in ("cudnn", "efficient") and not cuda:
+    if c.attention in CUDA_ONLY_ATTENTION and not cuda:
         raise SpeedError(f"--attention {c.attention} is a CUDA kernel; on {device.type} use default, fused (flash "
                          "there), flash, math or explicit")
     if c.compile is None:

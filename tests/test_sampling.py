@@ -231,3 +231,40 @@ def test_a_moved_checkpoint_with_the_same_content_is_the_same_run(tiny_assets, t
     save_training_checkpoint(different, tiny_dit(input_size=8, seed=5))
     with pytest.raises(UserError, match="another protocol.*checkpoint_sha256"):
         _run(_protocol(different, vae, checkpoint_sha256=sha256_of(different)), out, 8)
+
+
+def test_the_fast_path_settings_are_part_of_a_run_only_when_set(tiny_assets):
+    ckpt, vae = tiny_assets
+    plain = _protocol(ckpt, vae)
+    assert "attention" not in plain.card() and "compile" not in plain.card()  # runs made before keep their identity
+    assert _protocol(ckpt, vae, attention="default", compile=False).fingerprint() == plain.fingerprint()
+    assert _protocol(ckpt, vae, attention="math").fingerprint() != plain.fingerprint()
+    assert _protocol(ckpt, vae, compile=True).fingerprint() != plain.fingerprint()
+    with pytest.raises(UserError, match="is a CUDA kernel"):
+        _protocol(ckpt, vae, attention="efficient")
+    with pytest.raises(UserError, match="is not one of"):
+        _protocol(ckpt, vae, attention="fastest")
+
+
+def test_cli_sample_fast_path_compiles_the_blocks_and_picks_the_kernels(tiny_assets, tmp_path, cli_runner,
+                                                                         monkeypatch):
+    import cli
+    from bench import speed
+
+    ckpt, vae = tiny_assets
+    compiled, kernels = [], []
+    monkeypatch.setattr(speed, "compile_model", lambda model, mode: compiled.append((type(model).__name__, mode)))
+    real = speed.attention_context
+    monkeypatch.setattr(speed, "attention_context", lambda choice: kernels.append(choice) or real(choice))
+    out = tmp_path / "fast"
+    result = cli_runner.invoke(cli.app, _sample_args(ckpt, vae, out, 3) + ["--attention", "math", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert compiled == [("DiT", "default")] and kernels == ["math", "math"]  # one per batch of 3 (6 samples)
+    protocol = json.loads((out / "manifest.json").read_text())["protocol"]
+    assert (protocol["attention"], protocol["compile"]) == ("math", True)
+    # the math kernel is the same attention: the images equal the default run's within float rounding
+    plain = tmp_path / "plain"
+    assert cli_runner.invoke(cli.app, _sample_args(ckpt, vae, plain, 3)).exit_code == 0
+    a, _ = _load(out)
+    b, _ = _load(plain)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
