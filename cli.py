@@ -600,6 +600,16 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted: work saved so far is kept; run the same command again to resume")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - only running out of memory is the user's to fix; bugs keep their trace
+        from bench.timing import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        err_console.print(f"[bold red]out of memory:[/] {first[:200]}; use a smaller --batch-size (or "
+                          "--global-batch-size) or a lower --precision. Work saved so far is kept: run the same "
+                          "command again to resume", highlight=False, soft_wrap=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

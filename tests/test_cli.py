@@ -84,3 +84,28 @@ def test_hooks_declare_their_own_model_families():
         plugins.get_hook("train_hooks", "edt-mask", "DiT")
     with pytest.raises(plugins.PluginError, match="'amm' cannot run on a EDT model"):
         plugins.get_hook("sample_hooks", "amm", "EDT")
+
+
+def test_running_out_of_memory_is_one_line_and_exit_3_while_bugs_keep_their_traceback(monkeypatch, capsys):
+    import pytest
+    import torch
+
+    import cli
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\n"
+                                     "If reserved but unallocated memory is large try setting ...")
+
+    monkeypatch.setattr(cli, "app", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Tried to allocate 20.00 GiB" in err and "run the same command" in err
+
+    def bug():
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main()
