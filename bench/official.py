@@ -111,16 +111,23 @@ def build_twin(code: OfficialCode, spec: plugins.ModelSpec, overrides: dict, our
     except TypeError as exc:
         raise OfficialCodeError(f"{spec.name}: the official {code.paths['model']} does not take dit-bench's "
                                 f"constructor arguments ({exc})") from None
-    device = next(ours.parameters()).device
-    twin = twin.to(device).eval()
+    twin = twin.to(next(ours.parameters()).device)
     try:
-        twin.load_state_dict(ours.state_dict(), strict=True)
+        _load_then_eval(twin, ours.state_dict(), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
         raise OfficialCodeError(f"{spec.name}: the official model does not take dit-bench's weights with "
                                 f"strict=True ({detail})") from None
     return twin
+
+
+def _load_then_eval(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+    """Weights first, then eval(): official U-DiT merges its re-parameterised FFN into the loaded weights in
+    place when it leaves training mode (udit.md), so eval() must follow every load, once, as in its
+    sample_ddp.py."""
+    model.load_state_dict(state, strict=strict)
+    model.eval()
 
 
 FORWARD_TOLERANCE = 1e-4  # relative to the output's scale: fp32 kernels differ in summation order, not more
@@ -144,11 +151,11 @@ def forward_difference(ours: torch.nn.Module, twin: torch.nn.Module, x: torch.Te
     t = torch.full((len(x),), 500, dtype=torch.long, device=x.device)
     try:
         ours.load_state_dict(probe)
-        twin.load_state_dict(probe)
+        _load_then_eval(twin, probe)
         with backend_flags():
             set_precision("fp32")
             a, b = ours(x, t, y).float(), twin(x, t, y).float()
     finally:
         ours.load_state_dict(saved)
-        twin.load_state_dict(saved)
+        _load_then_eval(twin, saved)
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()

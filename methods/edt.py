@@ -706,10 +706,15 @@ def _config(hidden: int, depth: int, stages: list[int], size: str, local: bool) 
                 stages_depth=stages, dims=widths, size=size, local=local)
 
 
+# xinwangChen/EDT: the class in models_edt.py and the factory in diffusion/__init__.py (edt.md §1-§2).
+OFFICIAL_CODE = {"model": "models_edt:EDT", "diffusion": "diffusion:create_diffusion"}
+
+
 def _spec(name: str, config: dict) -> ModelSpec:
     amm = "with AMM at sampling" if config["local"] else "without AMM"
     return ModelSpec(name=name, builder=EDT, config=config, family="EDT", macs=edt_macs,
-                     adapt_state_dict=adapt_state_dict, description=f"EDT {config['size']}/2, {amm}")
+                     adapt_state_dict=adapt_state_dict, description=f"EDT {config['size']}/2, {amm}",
+                     official_code=OFFICIAL_CODE)
 
 
 _SIZES = {"S": (312, 12, [2, 2, 2, 3, 3]), "B": (624, 12, [2, 2, 2, 3, 3]), "XL": (936, 28, RELEASED_XL_LAYOUT)}

@@ -446,10 +446,16 @@ _COMMON = dict(down_factor=2, depth=[2, 5, 8, 5, 2], ffn_type="rep", rep=1, mlp_
                posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1)
 
 
+# YuchuanTian/U-DiT: the class in udit_models.py (not its S/B/L factories, which ignore their kwargs) and
+# DiT's diffusion/ package beside it (udit.md §1).
+OFFICIAL_CODE = {"model": "udit_models:U_DiT", "diffusion": "diffusion:create_diffusion"}
+
+
 def _spec(name: str, hidden: int, heads: int) -> ModelSpec:
     return ModelSpec(name=name, builder=U_DiT, config=dict(_COMMON, hidden_size=hidden, num_heads=heads),
                      family="U-DiT", macs=udit_macs, adapt_state_dict=adapt_state_dict,
-                     description=f"U-DiT, width {hidden}, {heads} heads, token-downsampled attention")
+                     description=f"U-DiT, width {hidden}, {heads} heads, token-downsampled attention",
+                     official_code=OFFICIAL_CODE)
 
 
 

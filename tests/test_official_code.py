@@ -28,8 +28,12 @@ def tiny_models():
     register_tiny_method()
 
 
-def official_checkout(folder, *, forward_extra: str = "", delay_s: float = 0.0, extra_param: bool = False):
-    """A folder laid out like facebookresearch/DiT; its DiT runs dit-bench's blocks, with optional changes."""
+def official_checkout(folder, *, forward_extra: str = "", delay_s: float = 0.0, extra_param: bool = False,
+                      bake_on_eval: bool = False):
+    """A folder laid out like facebookresearch/DiT; its DiT runs dit-bench's blocks, with optional changes.
+
+    ``bake_on_eval``: like official U-DiT, eval() bakes the current weights into what eval-mode forwards use
+    (there: the re-parameterised FFN merged in place), so weights loaded after eval() are never used."""
     (folder / "diffusion").mkdir(parents=True)
     (folder / "diffusion" / "__init__.py").write_text(textwrap.dedent("""
         from bench.diffusion import create_diffusion as _create
@@ -54,9 +58,24 @@ def official_checkout(folder, *, forward_extra: str = "", delay_s: float = 0.0, 
                 if {extra_param}:
                     self.extra = torch.nn.Parameter(torch.zeros(1))
 
+            def train(self, mode=True):
+                super().train(mode)
+                if {bake_on_eval} and not mode:
+                    self.baked = self.final_layer.linear.weight.detach().clone()
+                return self
+
             def forward(self, x, t, y):
                 FORWARDS.append((len(x), torch.is_autocast_enabled(), torch.backends.cuda.matmul.allow_tf32))
                 time.sleep({delay_s})
+                if {bake_on_eval} and not self.training:
+                    live = self.final_layer.linear.weight.detach().clone()
+                    with torch.no_grad():
+                        self.final_layer.linear.weight.copy_(self.baked)
+                    try:
+                        return super().forward(x, t, y){forward_extra}
+                    finally:
+                        with torch.no_grad():
+                            self.final_layer.linear.weight.copy_(live)
                 return super().forward(x, t, y){forward_extra}
         """))
     return folder
@@ -191,6 +210,37 @@ def test_every_dit_config_points_at_the_official_layout():
         assert plugins.get_model(name).official_code == {"model": "models:DiT",
                                                          "diffusion": "diffusion:create_diffusion"}
     assert json.dumps(speed.SpeedConfig(official_code="/x").card())  # the request card stays JSON
+
+
+def test_every_edt_and_udit_config_points_at_the_official_layout():
+    # Checked against checkouts of xinwangChen/EDT and YuchuanTian/U-DiT (scratch, not committed): every EDT
+    # size with and without AMM, and U-DiT-S/B, take our kwargs and weights strictly and agree in fp32 to
+    # about 2e-6 of the output's scale (U-DiT once eval() follows the load: see the next test).
+    names = [spec.name for spec in plugins.get_method("edt").models]
+    assert sorted(names) == sorted(f"EDT-{s}/2{a}" for s in ("S", "B", "XL") for a in ("", "_noAMM"))
+    for name in names:
+        assert plugins.get_model(name).official_code == {"model": "models_edt:EDT",
+                                                         "diffusion": "diffusion:create_diffusion"}
+    for name in ("U-DiT-S", "U-DiT-B", "U-DiT-L"):
+        assert plugins.get_model(name).official_code == {"model": "udit_models:U_DiT",
+                                                         "diffusion": "diffusion:create_diffusion"}
+
+
+def test_eval_follows_every_load_for_official_code_that_bakes_weights_on_eval(tmp_path):
+    """Official U-DiT merges its FFN branches on eval(): a twin put in eval mode before loading would time
+    and check its own random init."""
+    spec = plugins.get_model(TINY_MODEL)
+    overrides = {"input_size": 8, "num_classes": 10, "in_channels": 4}
+    torch.manual_seed(0)
+    ours = spec.build(**overrides).eval()
+    with torch.no_grad():
+        ours.final_layer.linear.weight.normal_()
+    code = official.load(official_checkout(tmp_path / "DiT", bake_on_eval=True), spec)
+    twin = official.build_twin(code, spec, overrides, ours)
+    assert torch.equal(twin.baked, ours.final_layer.linear.weight)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 10])
+    assert official.forward_difference(ours, twin, x, y) == 0.0
+    assert torch.equal(twin.baked, ours.final_layer.linear.weight)  # baked again from the restored weights
 
 
 def test_the_report_shows_every_row_with_its_speedup_over_the_official_code(tmp_path):
