@@ -40,8 +40,8 @@ def layer_norm_2d(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def rope_2d(head_dim: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (rows*cols, head_dim/2) of upstream's 2-D RoPE, in float32 as upstream computes them.
+def rope_2d(head_dim: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """The rotations e^(i angle), complex64 (rows*cols, head_dim/2), of upstream's 2-D RoPE (its freqs_cis).
 
     Complex channel k of a head turns by col * w_{k/2} for even k and row * w_{(k-1)/2} for odd k, with
     w_m = 10000^(-4m/head_dim). Upstream takes the grid width as int(sqrt(tokens)), which is ``cols``
@@ -54,15 +54,14 @@ def rope_2d(head_dim: int, rows: int, cols: int, device: torch.device) -> tuple[
         index = torch.arange(rows * cols, device=device)
         angles = torch.stack([torch.outer(index % cols, freqs), torch.outer(index // cols, freqs)], dim=-1)
         angles = angles.reshape(rows * cols, head_dim // 2)
-        return torch.cos(angles), torch.sin(angles)
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2k, 2k+1) of x (..., N, head_dim); in float32 whatever x's dtype, as upstream."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    re, im = xf[..., 0], xf[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2k, 2k+1) of x (..., N, head_dim) as complex numbers, in float32 whatever x's
+    dtype: one complex multiply, as upstream (four real products and a stack cost U-DiT ~10% per forward)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class DownSampler(nn.Module):
@@ -108,8 +107,8 @@ class DownSample_Attn(nn.Module):
         u = self.downsampler(x).reshape(b, d, rows, f, cols, f).permute(0, 3, 5, 2, 4, 1).reshape(b, f * f, -1, d)
         q, k, v = (z.unflatten(-1, (heads, -1)).transpose(2, 3) for z in self.to_qkv(u).chunk(3, dim=-1))
         if self.posemb_type == "rope2d":
-            cos, sin = rope_2d(d // heads, rows, cols, x.device)
-            q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+            rotation = rope_2d(d // heads, rows, cols, x.device)
+            q, k = apply_rope_2d(q, rotation), apply_rope_2d(k, rotation)
         if self.attn_type == "v2":  # cosine attention with a learned per-head temperature
             logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
             logits = logits * self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()

@@ -251,7 +251,9 @@ def test_merged_kernel_is_the_sum_of_the_branches_plus_identity():
 # --- attention (udit.md §3) ---------------------------------------------------------------------------
 
 def test_rope_tables_follow_the_formula():
-    cos, sin = udit.rope_2d(8, 3, 3, torch.device("cpu"))
+    rotation = udit.rope_2d(8, 3, 3, torch.device("cpu"))
+    assert rotation.dtype == torch.complex64  # upstream's freqs_cis
+    cos, sin = rotation.real, rotation.imag
     for token in range(9):
         row, col = divmod(token, 3)
         for k in range(4):
@@ -262,17 +264,23 @@ def test_rope_tables_follow_the_formula():
 
 
 def test_rope_scores_depend_only_on_the_offset_and_run_in_float32():
-    cos, sin = udit.rope_2d(8, 4, 4, torch.device("cpu"))
+    rotation = udit.rope_2d(8, 4, 4, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
-    rotate = lambda v, token: udit.apply_rope_2d(v.expand(16, 8), cos, sin)[token]  # noqa: E731
+    rotate = lambda v, token: udit.apply_rope_2d(v.expand(16, 8), rotation)[token]  # noqa: E731
     score = lambda a, b: torch.dot(rotate(q, a), rotate(k, b)).item()  # noqa: E731
     assert score(0, 5) == pytest.approx(score(10, 15), abs=1e-5)  # both offset (+1 row, +1 col)
     assert score(0, 5) != pytest.approx(score(0, 6), abs=1e-3)
     q64 = torch.randn(16, 8, dtype=torch.float64, generator=gen)
-    out = udit.apply_rope_2d(q64, cos, sin)
+    out = udit.apply_rope_2d(q64, rotation)
     assert out.dtype == torch.float64
-    assert torch.equal(out, udit.apply_rope_2d(q64.float(), cos, sin).double())
+    assert torch.equal(out, udit.apply_rope_2d(q64.float(), rotation).double())
+    # channel pair (2k, 2k+1) of token n turns by the angle of rotation[n, k]
+    pair = out[5].float().unflatten(-1, (-1, 2))
+    ref = q64[5].float().unflatten(-1, (-1, 2))
+    c, s_ = rotation[5].real, rotation[5].imag
+    torch.testing.assert_close(pair[:, 0], ref[:, 0] * c - ref[:, 1] * s_)
+    torch.testing.assert_close(pair[:, 1], ref[:, 0] * s_ + ref[:, 1] * c)
 
 
 def test_attention_stays_inside_each_2x2_phase():
