@@ -288,3 +288,20 @@ def test_the_gpu_speed_matrix_script_runs_every_stage_end_to_end(tmp_path):
     for name in ("paper", "fast-fixed", "fast-auto"):
         assert f"## Sampling speed: `{name}.json`" in markdown
     assert "## Training speed: `train.json`" in markdown and "| official code |" in markdown
+
+
+def test_a_failing_stage_of_the_matrix_leaves_the_others_and_their_report(tmp_path):
+    """On a lent GPU one broken stage must not cost the minutes the others took."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MODEL": "DiT-S/8", "IMAGE_SIZE": "64", "STEPS": "2", "STAGES": "bogus paper",
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run(["bash", str(repo / "reports" / "run-speed-matrix.sh"), str(tmp_path / "m")],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "stage bogus failed" in done.stderr and "failed: bogus" in done.stderr
+    assert results.load(tmp_path / "m" / "paper.json")["protocol"]["name"] == "paper"
+    assert "## Sampling speed: `paper.json`" in (tmp_path / "m" / "report.md").read_text()
