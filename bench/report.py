@@ -180,11 +180,13 @@ def speed_sections(report: Report) -> list[str]:
     for path, record in zip(report.paths, report.records):
         extra = record.get("extra") or {}
         rows, train_rows = extra.get("rows") or [], extra.get("train_rows") or []
-        if rows:
-            first = rows[0]["protocol"]
+        if rows:  # the run's own settings, not those of the official code's rows timed beside
+            first = next((r for r in rows if r["protocol"].get("code") != "official"), rows[0])["protocol"]
             out += [f"## Sampling speed: `{path.name}`", "",
                     f"{first['name']} protocol: {first['sampler']}, {first['steps']} steps, guidance "
-                    f"{first['cfg_scale']}, VAE {first.get('vae')}, on {first.get('gpu') or first.get('device_type')}. "
+                    f"{first['cfg_scale']}, VAE {first.get('vae')}, attention {first.get('attention')}"
+                    f"{', compiled (' + str(first.get('compile_mode')) + ')' if first.get('compile') else ''}, on "
+                    f"{first.get('gpu') or first.get('device_type')}. "
                     "s/img and img/s are the denoising loop's (VAE excluded); MFU against the dense datasheet "
                     "peak of the row's matmul precision; speed-up over the baseline (hooks) and over the "
                     "official code at the same batch (fixed) or at each one's saturating batch (auto).", "",

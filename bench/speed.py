@@ -1129,7 +1129,8 @@ def run(config: SpeedConfig, device: torch.device | str | None = None,
         rows = run_sampling(config, device, environment, gpu_name, say) if config.sample else []
         train_rows = run_training(config, device, environment, gpu_name, say) if config.train else []
     everything = rows + train_rows
-    headline = next((r for r in rows if r["subject"]["hooks"]["sample"]), None) or everything[0]
+    own = [r for r in everything if r["protocol"].get("code") != "official"] or everything
+    headline = next((r for r in own if r["subject"]["hooks"].get("sample")), None) or own[0]
     record = results.make_record(
         "speed" if rows else "train", headline["subject"], headline["protocol"], headline["metrics"],
         baseline=headline["baseline"], warnings=config.warnings, environment=environment,
@@ -1160,7 +1161,8 @@ def sampling_table(rows: list[dict]):
     """A rich table of sampling rows: one line per model x method x precision x batch."""
     from rich.table import Table
 
-    first = rows[0]["protocol"]
+    # the run's own settings, not those of the official code's rows timed beside
+    first = next((r for r in rows if r["protocol"].get("code") != "official"), rows[0])["protocol"]
     table = Table(title=f"Sampling speed, {first['name']} protocol ({first['sampler']}, {first['steps']} steps, "
                         f"cfg {first['cfg_scale']}, attention {first['attention']}"
                         f"{', compiled' if first['compile'] else ''})")

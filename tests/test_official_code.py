@@ -128,9 +128,12 @@ def test_official_rows_run_at_the_official_settings_and_baselines_get_their_spee
     folder = official_checkout(tmp_path / "DiT")
     out = tmp_path / "speed.json"
     result = invoke(cli_runner, *TINY, "--steps", "3", "--batch", "1", "--batch", "2", "--warmup", "0",
-                    "--repeats", "1", "--official-code", str(folder), "--out", str(out))
+                    "--repeats", "1", "--attention", "math", "--official-code", str(folder), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "vs official" in result.output and "official code" in result.output
+    assert "attention math" in result.output  # the title states the run's settings, not the official rows'
+    record = results.load(out)
+    assert "code" not in record["protocol"] and record["protocol"]["attention"] == "math"  # headline: ours
     rows = results.load(out)["extra"]["rows"]
     official_rows = [r for r in rows if r["protocol"].get("code") == "official"]
     ours = [r for r in rows if r["protocol"].get("code") is None]
@@ -248,12 +251,14 @@ def test_the_report_shows_every_row_with_its_speedup_over_the_official_code(tmp_
 
     folder = official_checkout(tmp_path / "DiT")
     config = speed.SpeedConfig(models=(TINY_MODEL,), image_size=64, num_classes=10, steps=2, batches=("1", "2"),
-                               warmup=0, repeats=1, official_code=str(folder), train=True,
+                               warmup=0, repeats=1, official_code=str(folder), train=True, attention="math",
                                train_configs=("features",), global_batch_size=2)
     record = speed.run(config, "cpu")
     path = results.save(record, tmp_path / "speed.json")
     markdown = report.render_markdown(report.build([path]))
     sampling = markdown.split("## Sampling speed: `speed.json`")[1].split("\n## ")[0]
+    # the header states the run's settings, not those of the official rows listed first (attention default)
+    assert "fast protocol: ddpm, 2 steps, guidance 1.5, VAE none, attention math, on cpu" in sampling
     lines = [line for line in sampling.splitlines() if line.startswith(f"| {TINY_MODEL} |")]
     assert [line.split(" | ")[1] for line in lines] == ["official code", "official code", "baseline", "baseline"]
     ours = [r for r in record["extra"]["rows"] if r["protocol"].get("code") is None]
