@@ -66,8 +66,9 @@ def _attribute(path: str, folder: Path) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any failure of foreign code becomes one line
+        detail = (str(exc).strip().splitlines() or [""])[0]
         raise OfficialCodeError(f"--official-code {folder}: importing {module_name!r} failed "
-                                f"({type(exc).__name__}: {exc}); point it at a checkout of the official "
+                                f"({type(exc).__name__}: {detail}); point it at a checkout of the official "
                                 "repository, with that repository's requirements installed") from None
     if not hasattr(module, attr):
         raise OfficialCodeError(f"--official-code {folder}: {module_name!r} has no {attr!r}; is this the "

@@ -717,7 +717,7 @@ def measure_official_code(setup: SamplingSetup,
     set_precision(OFFICIAL_PRECISION)
     rows = [measure_auto(as_official, denoiser) if batch == "auto" else measure_fixed(as_official, denoiser, batch)
             for batch in c.batches]
-    del twin, denoiser.module
+    denoiser.module = twin = None  # rows keep their settings, not the official model's memory
     _release(setup.device)
     return rows, as_official
 
@@ -731,8 +731,7 @@ def matching_official(row: SampleRow, official_rows: list[SampleRow]) -> SampleR
     return None
 
 
-def check_paper_parity(row: SampleRow, official_row: SampleRow, config: SpeedConfig,
-                       say: Callable[[str], None]) -> None:
+def check_paper_parity(row: SampleRow, official_row: SampleRow, config: SpeedConfig) -> None:
     """The paper protocol exists to time what the official code times: say so when it does not."""
     off_by = row.metrics["s_per_image"] / official_row.metrics["s_per_image"] - 1
     if config.protocol == "paper" and abs(off_by) > PAPER_TOLERANCE:
@@ -899,7 +898,7 @@ def run_sampling(config: SpeedConfig, device: torch.device, environment: dict, g
                     off = matching_official(row, official_rows) if denoiser.hook is None else None
                     if off is not None and row.outcome == "ok":
                         row.metrics["speedup_vs_official"] = row.metrics["images_per_s"] / off.metrics["images_per_s"]
-                        check_paper_parity(row, off, config, say)
+                        check_paper_parity(row, off, config)
                     if row.message:
                         say(f"{model_name} {denoiser.label} {precision}: {row.message}")
                     records.append(sample_record(row, baseline if denoiser.hook else None, setup, gpu_name,
