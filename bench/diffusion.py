@@ -269,6 +269,22 @@ class GaussianDiffusion:
         self._large_variance = np.append(self.posterior_variance[1], betas[1:])
         self._log_large_variance = np.log(self._large_variance)
         self._map_cache: dict = {}
+        # The official code copies each float64 table to the device at every use (a synchronising
+        # host-to-device copy, ~8 per step). Kept so by default: the paper protocol times the official path.
+        # The fast path keeps the tables on the device instead; the values, and the images, are the same.
+        self.tables_on_device = False
+        self._table_cache: dict = {}
+        self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod  # a table, so it can be cached too
+
+    def _extract(self, table: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if not self.tables_on_device:
+            return _extract(table, t, ndim)
+        key = (id(table), t.device)
+        cached = self._table_cache.get(key)
+        if cached is None or cached[0] is not table:  # the table object itself is kept: ids are never reused
+            cached = self._table_cache[key] = (table, torch.from_numpy(table).to(t.device))
+        values = cached[1][t].float()
+        return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
     # -- the model call ---------------------------------------------------------------------------
 
@@ -284,38 +300,38 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         n = x_start.ndim
-        mean = _extract(self.sqrt_alphas_cumprod, t, n) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, n).expand(x_start.shape)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, n).expand(x_start.shape)
+        mean = self._extract(self.sqrt_alphas_cumprod, t, n) * x_start
+        variance = self._extract(self._one_minus_alphas_cumprod, t, n).expand(x_start.shape)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, n).expand(x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (noise ~ N(0, I) when not given)."""
         noise = _draw_like(noise, x_start)
         n = x_start.ndim
-        return (_extract(self.sqrt_alphas_cumprod, t, n) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, n) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ")
         n = x_t.ndim
-        mean = (_extract(self.posterior_mean_coef1, t, n) * x_start
-                + _extract(self.posterior_mean_coef2, t, n) * x_t)
-        variance = _extract(self.posterior_variance, t, n).expand(x_t.shape)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, n).expand(x_t.shape)
+        mean = (self._extract(self.posterior_mean_coef1, t, n) * x_start
+                + self._extract(self.posterior_mean_coef2, t, n) * x_t)
+        variance = self._extract(self.posterior_variance, t, n).expand(x_t.shape)
+        log_variance = self._extract(self.posterior_log_variance_clipped, t, n).expand(x_t.shape)
         return mean, variance, log_variance
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         n = x_t.ndim
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, n) * eps)
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, n) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         n = x_t.ndim
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, n))
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - pred_xstart)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, n))
 
     # -- reverse process --------------------------------------------------------------------------
 
@@ -343,8 +359,8 @@ class GaussianDiffusion:
                                  f"(shape {(B, 2 * C, *x.shape[2:])}), got {tuple(output.shape)}")
             output, var_values = torch.split(output, C, dim=1)
             # v in [-1, 1] spans [beta~_t, beta_t] in log space; v is not clamped (dit.md B.2).
-            min_log = _extract(self.posterior_log_variance_clipped, t, n)
-            max_log = _extract(self._log_betas, t, n)
+            min_log = self._extract(self.posterior_log_variance_clipped, t, n)
+            max_log = self._extract(self._log_betas, t, n)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
@@ -353,8 +369,8 @@ class GaussianDiffusion:
                 table, log_table = self._large_variance, self._log_large_variance
             else:
                 table, log_table = self.posterior_variance, self.posterior_log_variance_clipped
-            variance = _extract(table, t, n).expand(x.shape)
-            log_variance = _extract(log_table, t, n).expand(x.shape)
+            variance = self._extract(table, t, n).expand(x.shape)
+            log_variance = self._extract(log_table, t, n).expand(x.shape)
 
         if self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = output
@@ -390,8 +406,8 @@ class GaussianDiffusion:
         # eps is re-derived from the (possibly clipped) x_0 prediction.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         n = x.ndim
-        alpha_bar = _extract(self.alphas_cumprod, t, n)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, n)
+        alpha_bar = self._extract(self.alphas_cumprod, t, n)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, n)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
         noise = _draw_like(noise, x)
@@ -408,7 +424,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised,
                                    denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract(self.alphas_cumprod_next, t, x.ndim)
+        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.ndim)
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 

@@ -413,6 +413,7 @@ def build_parts(protocol: SamplingProtocol, device: torch.device) -> tuple[Sampl
         raise SamplingError(f"checkpoint sha256 {info['sha256'][:12]}… differs from the protocol's "
                             f"{protocol.checkpoint_sha256[:12]}…")
     diffusion = create_diffusion(protocol.steps, learn_sigma=getattr(model, "learn_sigma", True))
+    diffusion.tables_on_device = True  # no per-step host-to-device copies; the same values, the same images
     if protocol.compile:
         from bench.speed import compile_model
 

@@ -494,6 +494,8 @@ def build_setup(model_name: str, config: SpeedConfig, device: torch.device) -> S
                                    latent_downsample=downsample, random_weights=True, in_channels=channels)
     latent = config.image_size // downsample
     diffusion = create_diffusion(str(config.steps), learn_sigma=getattr(model, "learn_sigma", True))
+    # The paper protocol keeps the official per-step table copies (each a device sync); fast keeps them resident.
+    diffusion.tables_on_device = config.protocol == "fast"
     overrides = {"input_size": latent, "num_classes": config.num_classes, "in_channels": channels}
     return SamplingSetup(spec, model, diffusion, decoder, (channels, latent, latent), overrides, config, device)
 

@@ -518,3 +518,16 @@ def test_the_fast_training_configuration_alone_takes_the_run_s_compile_and_atten
     assert (fast["protocol"]["compile"], fast["protocol"]["compile_mode"], fast["protocol"]["attention"]) == \
         (True, "default", "math")
     assert speed.train_compile_mode("reduce-overhead") == "default"  # backward needs the step's buffers
+
+
+@pytest.mark.parametrize("protocol, resident", [("paper", False), ("fast", True)])
+def test_only_the_fast_protocol_keeps_the_diffusion_tables_on_the_device(cli_runner, monkeypatch, protocol, resident):
+    """The paper protocol times the official path, including its per-step table copies."""
+    seen = []
+    real = speed.sample_loop
+    monkeypatch.setattr(speed, "sample_loop", lambda d, diffusion, *a, **k: seen.append(diffusion.tables_on_device)
+                        or real(d, diffusion, *a, **k))
+    result = invoke(cli_runner, "--model", TINY_MODEL, *TINY, "--protocol", protocol, "--steps", "2", "--batch", "1",
+                    "--warmup", "0", "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    assert seen == [resident]
