@@ -290,6 +290,9 @@ class GaussianDiffusion:
 
     def _run_model(self, model, x, t, model_kwargs):
         """Call ``model(x, timestep_map[t], **model_kwargs)``, keeping t's device and integer dtype."""
+        if not self.tables_on_device:  # built at every call, as officially (a copy, and a sync, per step)
+            return model(x, torch.as_tensor(self.timestep_map, device=t.device, dtype=t.dtype)[t],
+                         **(model_kwargs or {}))
         key = (t.device, t.dtype)
         if key not in self._map_cache:
             self._map_cache[key] = torch.as_tensor(self.timestep_map, device=t.device, dtype=t.dtype)
