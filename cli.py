@@ -372,6 +372,10 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     seed: int = typer.Option(0, help="Every random draw of step k on rank r comes from (seed, k, r)."),
     workers: int = typer.Option(4, help="Data-loading processes for image folders."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the repeated blocks "
+                                  "(the fast path)."),
+    attention: str = typer.Option("default", help="SDPA kernels: default | fused | flash | cudnn | efficient | "
+                                  "math | explicit (cudnn, efficient: CUDA only)."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda when available)."),
     progress: bool = typer.Option(True, help="Show a progress display."),
 ) -> None:
@@ -382,7 +386,8 @@ def train_cmd(
         model=model, data=str(data), out=str(out or Path("results") / f"train-{model.replace('/', '-')}-seed-{seed}"),
         vae=vae, image_size=image_size, num_classes=num_classes, global_batch_size=global_batch_size, steps=steps,
         lr=lr, ema_decay=ema_decay, hooks=tuple(hook), hook_options=parse_hook_options(hook_option, hook),
-        ckpt_every=ckpt_every, log_every=log_every, seed=seed, num_workers=workers)
+        ckpt_every=ckpt_every, log_every=log_every, seed=seed, num_workers=workers, compile=compile_,
+        attention=attention)
     summary = training.train(config, device=device, resume=resume, progress=progress)
     if "record" in summary:
         metrics = summary["record"]["metrics"]

@@ -93,8 +93,15 @@ class TrainConfig:
     log_every: int = 100
     seed: int = 0
     num_workers: int = 4
+    # The fast path (bench/speed.py's): torch.compile of the repeated blocks and the SDPA kernel choice.
+    compile: bool = False
+    attention: str = "default"
 
     def __post_init__(self):
+        from bench.speed import ATTENTION_CHOICES
+
+        if self.attention not in ATTENTION_CHOICES:
+            raise TrainingError(f"--attention {self.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}")
         self.hooks = tuple(self.hooks)
         for name in ("global_batch_size", "steps", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
@@ -355,6 +362,10 @@ def setup(config: TrainConfig, device: torch.device, world, resume: str | os.Pat
         model = spec.build(input_size=latent_size, num_classes=config.num_classes, in_channels=in_channels)
     ema = make_ema(model).to(device)
     model = model.to(device).train()
+    if config.compile:
+        from bench.speed import compile_model
+
+        compile_model(model, "default")  # blocks in place: state-dict keys, checkpoints and EMA are unchanged
     wrapped = hooks.wrap_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = hooks.grad_scaler(device)
@@ -543,8 +554,13 @@ class _Progress:
 
 def loop(run: Run, progress: bool = True, on_log=None) -> dict:
     """Train from ``run.step`` to ``config.steps``; log, checkpoint, and return the run's summary."""
+    from bench.speed import CUDA_ONLY_ATTENTION, attention_context
     from bench.telemetry import PeakMemory
     from bench.timing import StepRate
+
+    if run.config.attention in CUDA_ONLY_ATTENTION and run.device.type != "cuda":
+        raise TrainingError(f"--attention {run.config.attention} is a CUDA kernel; on {run.device.type} use "
+                            "default, flash, math or explicit")
 
     config, world, device = run.config, run.world, run.device
     out = Path(config.out)
@@ -563,7 +579,8 @@ def loop(run: Run, progress: bool = True, on_log=None) -> dict:
     with PeakMemory(device) as peak, _Progress(progress and world.is_main, config.steps, run.step) as bar:
         rate = StepRate(device)
         for step, (x, y) in enumerate(loader, start=run.step):
-            loss, _ = train_step(run, step, x, y)
+            with attention_context(config.attention):
+                loss, _ = train_step(run, step, x, y)
             window_loss += loss
             window_steps += 1
             rate.step()

@@ -370,3 +370,22 @@ def test_torchrun_two_processes_share_the_global_batch(pixels, tmp_path):
     model, _ = checkpoints.load_model(plugins.get_model(TINY_MODEL), out / "checkpoints" / "0000002.pt",
                                       input_size=8, in_channels=3, num_classes=10)
     assert not any(k.startswith("module.") for k in obj["model"])
+
+
+def test_the_fast_path_compiles_the_blocks_and_picks_the_kernels_per_step(pixels, tmp_path, monkeypatch):
+    from bench import speed
+
+    compiled, kernels = [], []
+    monkeypatch.setattr(speed, "compile_model", lambda model, mode: compiled.append((type(model).__name__, mode)))
+    real = speed.attention_context
+    monkeypatch.setattr(speed, "attention_context", lambda choice: kernels.append(choice) or real(choice))
+    summary = _train(_config(pixels, tmp_path / "fast", 3, compile=True, attention="math"))
+    assert compiled == [("DiT", "default")] and kernels == ["math"] * 3
+    args = _read(summary["checkpoint"])["args"]
+    assert (args.compile, args.attention) == (True, "math")  # recorded, but not a condition of resuming
+    resumed = _train(_config(pixels, tmp_path / "fast", 4), resume=True)
+    assert resumed["start_step"] == 3
+    with pytest.raises(UserError, match="is a CUDA kernel"):
+        _train(_config(pixels, tmp_path / "cuda-only", 1, attention="efficient"))
+    with pytest.raises(UserError, match="--attention 'fastest'"):
+        _config(pixels, tmp_path / "bad", 1, attention="fastest")
